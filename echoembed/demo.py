@@ -1,0 +1,147 @@
+"""The demo behind `make demo`: echo vs classical embeddings on the default model.
+
+Embeds the shipped sentence pairs (echoembed/data/demo_pairs.tsv: paraphrases and unrelated
+pairs) with the ``echo`` and ``classical`` presets, and optionally reports STS Spearman.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from echoembed.echo import Pooling
+from echoembed.errors import InternalError
+from echoembed.validation.metrics import paired_cosine
+from echoembed.validation.sts import read_sts, sts_spearman
+
+TEMPLATES = ("echo", "classical")
+
+
+@dataclass(frozen=True)
+class DemoPair:
+    label: str  # "paraphrase" or "unrelated"
+    sentence1: str
+    sentence2: str
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    model: str = "smollm2"
+    pooling: Pooling = Pooling.MEAN
+    batch_size: int = 32
+    sts: str | os.PathLike[str] | None = None
+    sts_limit: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class TemplateScores:
+    cosines: np.ndarray  # one per demo pair
+    paraphrase_mean: float
+    unrelated_mean: float
+    ranking_accuracy: float  # share of (paraphrase, unrelated) combinations ordered correctly
+    sts_spearman: float | None = None
+
+
+@dataclass
+class DemoResult:
+    model: str
+    pairs: list[DemoPair]
+    scores: dict[str, TemplateScores] = field(default_factory=dict)
+    sts_path: str | None = None
+    sts_pairs: int = 0
+
+
+def load_demo_pairs() -> list[DemoPair]:
+    """The sentence pairs shipped in the package."""
+    text = resources.files("echoembed").joinpath("data/demo_pairs.tsv").read_text("utf-8")
+    rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    pairs = [DemoPair(*row) for row in rows[1:]]
+    if not pairs or {p.label for p in pairs} != {"paraphrase", "unrelated"}:
+        raise InternalError("demo_pairs.tsv is damaged: reinstall echoembed")
+    return pairs
+
+
+def score_pairs(pairs: list[DemoPair], embed: Callable[[list[str]], np.ndarray]) -> TemplateScores:
+    """Cosine per pair and how well paraphrases rank above unrelated pairs."""
+    sentences = list(dict.fromkeys([p.sentence1 for p in pairs] + [p.sentence2 for p in pairs]))
+    index = {s: i for i, s in enumerate(sentences)}
+    emb = embed(sentences)
+    cos = paired_cosine(
+        emb[[index[p.sentence1] for p in pairs]], emb[[index[p.sentence2] for p in pairs]]
+    )
+    para = cos[[p.label == "paraphrase" for p in pairs]]
+    unrel = cos[[p.label == "unrelated" for p in pairs]]
+    ranking = float((para[:, None] > unrel[None, :]).mean())
+    return TemplateScores(cos, float(para.mean()), float(unrel.mean()), ranking)
+
+
+def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda s: None) -> DemoResult:
+    """Load the reference model and score echo vs classical on the demo pairs (and STS)."""
+    from echoembed.reference import ReferenceEmbedder
+
+    progress(f"loading {config.model} (PyTorch fp32 reference)...")
+    ref = ReferenceEmbedder.load(config.model, threads=config.threads)
+    pairs = load_demo_pairs()
+    result = DemoResult(model=config.model, pairs=pairs)
+    sts = read_sts(config.sts, limit=config.sts_limit) if config.sts else None
+    for name in TEMPLATES:
+
+        def embed(texts: list[str], name: str = name) -> np.ndarray:
+            return ref.encode(texts, name, pooling=config.pooling, batch_size=config.batch_size)
+
+        progress(f"embedding demo pairs with the {name!r} template...")
+        scores = score_pairs(pairs, embed)
+        if sts is not None:
+            progress(f"STS with {name!r}: {len(sts)} pairs...")
+            scores.sts_spearman = sts_spearman(sts, embed)
+        result.scores[name] = scores
+    if sts is not None:
+        result.sts_path, result.sts_pairs = str(config.sts), len(sts)
+    return result
+
+
+def format_demo(result: DemoResult) -> str:
+    """A plain-text report of a demo run."""
+    names = list(result.scores)
+    width = 78
+    lines = [f"echo vs classical embeddings, model {result.model}, mean pooling", ""]
+    lines.append(f"{'pair':<{width}} " + " ".join(f"{n:>9}" for n in names))
+    for i, p in enumerate(result.pairs):
+        pair = f"[{p.label[:4]}] {p.sentence1} | {p.sentence2}"
+        if len(pair) > width:
+            pair = pair[: width - 3] + "..."
+        lines.append(
+            f"{pair:<{width}} " + " ".join(f"{result.scores[n].cosines[i]:9.3f}" for n in names)
+        )
+    lines.append("")
+
+    def row(label: str, values: list[str]) -> str:
+        return f"{label:<{width}} " + " ".join(f"{v:>9}" for v in values)
+
+    s = [result.scores[n] for n in names]
+    lines.append(row("mean cosine, paraphrases", [f"{x.paraphrase_mean:.3f}" for x in s]))
+    lines.append(row("mean cosine, unrelated", [f"{x.unrelated_mean:.3f}" for x in s]))
+    lines.append(
+        row(
+            "gap (paraphrase - unrelated)",
+            [f"{x.paraphrase_mean - x.unrelated_mean:.3f}" for x in s],
+        )
+    )
+    lines.append(
+        row("paraphrase ranked above unrelated", [f"{100 * x.ranking_accuracy:.1f}%" for x in s])
+    )
+    if result.sts_path:
+        lines.append(
+            row(
+                f"STS Spearman x100 ({os.path.basename(result.sts_path)}, "
+                f"{result.sts_pairs} pairs)",
+                [f"{x.sts_spearman:.2f}" for x in s],
+            )
+        )
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Echo core: templates, masks and pooling. numpy + tokenizers only (never torch)."""
+
+from __future__ import annotations
+
+from echoembed.echo.batching import Runner, embed_texts
+from echoembed.echo.encode import (
+    INPUT_NAMES,
+    EchoEncoder,
+    EncodedBatch,
+    EncoderConfig,
+    SpecialTokens,
+    validate_texts,
+)
+from echoembed.echo.pooling import Pooling, l2_normalize, pool
+from echoembed.echo.presets import PRESETS, Preset, get_template
+from echoembed.echo.template import Piece, Template, parse_pieces
+
+__all__ = [
+    "INPUT_NAMES",
+    "PRESETS",
+    "EchoEncoder",
+    "EncodedBatch",
+    "EncoderConfig",
+    "Piece",
+    "Pooling",
+    "Preset",
+    "Runner",
+    "SpecialTokens",
+    "Template",
+    "embed_texts",
+    "get_template",
+    "l2_normalize",
+    "parse_pieces",
+    "pool",
+    "validate_texts",
+]

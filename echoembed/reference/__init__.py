@@ -1,0 +1,26 @@
+"""Full-precision PyTorch reference and model sources (imports torch lazily)."""
+
+from __future__ import annotations
+
+from echoembed.reference.embedder import ReferenceEmbedder, TorchRunner
+from echoembed.reference.sources import (
+    BUNDLED,
+    DEFAULT_MODEL,
+    LoadedModel,
+    ModelSource,
+    load_model,
+    resolve_source,
+    save_hf_dir,
+)
+
+__all__ = [
+    "BUNDLED",
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "ModelSource",
+    "ReferenceEmbedder",
+    "TorchRunner",
+    "load_model",
+    "resolve_source",
+    "save_hf_dir",
+]

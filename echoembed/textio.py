@@ -1,0 +1,40 @@
+"""Small file helpers shared by the CLI and benchmarks: text lists in, arrays out (atomically)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from echoembed.errors import InputError
+
+
+def read_texts(path: str | os.PathLike[str]) -> list[str]:
+    """One text per line (UTF-8). A blank line is an error naming its line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"input file {p} does not exist")
+    texts = p.read_text(encoding="utf-8").splitlines()
+    for i, t in enumerate(texts, start=1):
+        if not t.strip():
+            raise InputError(f"{p}:{i} is blank: every line must hold one text; remove it")
+    if not texts:
+        raise InputError(f"{p} holds no texts")
+    return texts
+
+
+def save_npy_atomic(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write ``array`` as .npy via a temporary file + rename, so a reader never sees half a file."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

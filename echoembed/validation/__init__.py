@@ -1,0 +1,8 @@
+"""Validation: metrics and task evaluations (numpy; a reference model only when asked)."""
+
+from __future__ import annotations
+
+from echoembed.validation.metrics import paired_cosine, rankdata, spearman
+from echoembed.validation.sts import StsData, read_sts, sts_spearman
+
+__all__ = ["StsData", "paired_cosine", "rankdata", "read_sts", "spearman", "sts_spearman"]

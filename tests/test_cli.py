@@ -1,0 +1,73 @@
+"""CLI: thin commands, real files, typed errors turned into exit code 2."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from echoembed.cli.main import main
+
+
+def test_embed_writes_npy(tiny_llama_dir, tmp_path, capsys):
+    src = tmp_path / "texts.txt"
+    src.write_text("A man is playing the guitar.\nHello world\nKids play.\n", encoding="utf-8")
+    out = tmp_path / "out" / "emb.npy"
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(tiny_llama_dir),
+            "--template",
+            "echo",
+            "-i",
+            str(src),
+            "-o",
+            str(out),
+            "--pooling",
+            "last",
+        ]
+    )
+    assert rc == 0
+    emb = np.load(out)
+    assert emb.shape == (3, 32) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert "wrote 3 x 32" in capsys.readouterr().out
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temp files left"
+
+
+def test_embed_blank_line_is_a_clear_error(tiny_llama_dir, tmp_path, capsys):
+    src = tmp_path / "texts.txt"
+    src.write_text("ok\n\nalso ok\n", encoding="utf-8")
+    rc = main(
+        ["embed", "--model", str(tiny_llama_dir), "-i", str(src), "-o", str(tmp_path / "o.npy")]
+    )
+    assert rc == 2
+    assert "texts.txt:2 is blank" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_embed_bad_template_and_model(tiny_llama_dir, tmp_path, capsys):
+    src = tmp_path / "texts.txt"
+    src.write_text("ok\n", encoding="utf-8")
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(tiny_llama_dir),
+            "--template",
+            "{%%txt%%}",
+            "-i",
+            str(src),
+            "-o",
+            str(tmp_path / "o.npy"),
+        ]
+    )
+    assert rc == 2 and "unknown variable %%txt%%" in capsys.readouterr().err
+    rc = main(["embed", "--model", str(tmp_path / "missing"), "-i", str(src), "-o", "x.npy"])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_templates_lists_presets(capsys):
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    for name in ("echo", "classical", "query", "document"):
+        assert name in out
