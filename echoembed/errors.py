@@ -44,3 +44,23 @@ def require(module: str, extra: str, package: str | None = None):
             f"Install it with: pip install 'echoembed[{extra}]'  (on CPU-only machines install "
             f"torch first: pip install torch==2.13.0)"
         ) from e
+
+
+class ArtifactError(UserError):
+    """An artifact directory is missing files, corrupt, or from a newer format."""
+
+
+class ExportError(UserError):
+    """An export could not produce a valid artifact."""
+
+
+class ParityError(ExportError):
+    """The exported graph disagrees with the PyTorch reference beyond the tolerance."""
+
+
+class UnsupportedArchitectureError(ExportError):
+    """The model's architecture is not one the exporter supports (the message lists them)."""
+
+
+class BackendError(UserError):
+    """An inference backend (ONNX Runtime, TensorRT) rejected the artifact or the request."""

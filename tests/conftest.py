@@ -38,7 +38,7 @@ def tiny_llama_config(**overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=512,
         rope_theta=10000.0,
     )
     cfg.update(overrides)

@@ -54,7 +54,7 @@ def test_missing_bundled_wheel_gives_install_hint(monkeypatch):
 def test_hf_directory_source(tiny_llama_dir):
     ref = ReferenceEmbedder.load(tiny_llama_dir)
     assert ref.loaded.architecture == "llama" and ref.hidden_size == 32
-    assert ref.loaded.context_length == 64
+    assert ref.loaded.context_length == 512
     emb = ref.encode(TEXTS, "echo")
     assert emb.shape == (5, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)

@@ -1,0 +1,334 @@
+"""Causal LM -> ONNX artifact with the echo pooling head inside the graph.
+
+Stages (each a small function): load the model, trace the graph, fix names and check it, save
+the tokenizer, check parity against the PyTorch reference, write the manifest, move the finished
+directory into place. Nothing is left at the target path unless every stage succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from echoembed import __version__
+from echoembed.echo import (
+    INPUT_NAMES,
+    PRESETS,
+    EchoEncoder,
+    EncoderConfig,
+    Pooling,
+    Template,
+    get_template,
+)
+from echoembed.errors import ExportError, InternalError, require
+from echoembed.exporter.architectures import get_architecture
+from echoembed.exporter.parity import ParityConfig, check_parity
+from echoembed.reference.sources import LoadedModel, ModelSource, load_model, resolve_source
+from echoembed.runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    SourceInfo,
+    TemplateSpec,
+    TensorSpec,
+    hash_files,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+OUTPUT_NAME = "embedding"
+MIN_OPSET = 17
+PROTOBUF_LIMIT = 2**31 - 1
+_TMP_OUTPUT = "echoembed_pooled_output"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how."""
+
+    template: str = "echo"  # preset name or template string: the artifact's default
+    pooling: Pooling = Pooling.MEAN
+    normalize: bool = True
+    opset: int = 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    max_length: int | None = None  # per template piece, recorded in the manifest
+    external_data: bool | None = None  # None: only when the graph would pass protobuf's 2 GB
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    force: bool = False  # replace an existing artifact at the target
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact directory and its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+
+def _check_config(config: ExportConfig) -> Template:
+    Pooling.parse(config.pooling)
+    if config.opset < MIN_OPSET:
+        raise ExportError(f"opset {config.opset} is too old; use --opset {MIN_OPSET} or newer")
+    if config.exporter not in ("dynamo", "torchscript"):
+        raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {config.exporter!r}")
+    return get_template(config.template)
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(
+            f"{out} already exists; choose another path or pass --force to replace it"
+        )
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; remove it first")
+
+
+def source_sha256(source: ModelSource) -> str:
+    """sha256 of the weights: the GGUF file, or the weight files of a HF directory combined."""
+    from echoembed.runtime.manifest import sha256_file
+
+    if source.is_gguf:
+        return sha256_file(source.path)
+    files = sorted(
+        p for p in source.path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()
+    )
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _example_batch(encoder: EchoEncoder):
+    """Two rows of different lengths so padding and both dynamic axes are exercised."""
+    return encoder.encode(["Example sentence for tracing the graph.", "Short one."])
+
+
+def _trace(loaded: LoadedModel, config: ExportConfig, encoder: EchoEncoder, path: Path) -> None:
+    torch = require("torch", "export")
+    from echoembed.exporter.head import EchoEmbeddingModel
+
+    module = EchoEmbeddingModel(loaded.model, Pooling.parse(config.pooling), config.normalize)
+    module.eval()
+    batch = _example_batch(encoder)
+    args = tuple(torch.from_numpy(getattr(batch, n)) for n in INPUT_NAMES)
+    external = bool(config.external_data) or _param_bytes(loaded.model) > PROTOBUF_LIMIT * 0.9
+    common = dict(
+        input_names=list(INPUT_NAMES),
+        output_names=[_TMP_OUTPUT],
+        opset_version=config.opset,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if config.exporter == "dynamo":
+                dim_b = torch.export.Dim("batch", min=1)
+                dim_s = torch.export.Dim("sequence", min=1)
+                shapes = {n: {0: dim_b, 1: dim_s} for n in INPUT_NAMES}
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(path),
+                    dynamic_shapes=shapes,
+                    dynamo=True,
+                    external_data=external,
+                    verbose=False,
+                    **common,
+                )
+            else:
+                axes = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES}
+                axes[_TMP_OUTPUT] = {0: "batch"}
+                torch.onnx.export(
+                    module, args, str(path), dynamic_axes=axes, dynamo=False, **common
+                )
+        except Exception as e:
+            raise ExportError(
+                f"torch.onnx.export ({config.exporter}) failed for {loaded.architecture}: "
+                f"{str(e).splitlines()[0][:400]}; try --exporter "
+                f"{'torchscript' if config.exporter == 'dynamo' else 'dynamo'}"
+            ) from e
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _rename(graph, old: str, new: str) -> None:
+    """Rename a value everywhere in ``graph`` (nodes, inputs, outputs, initializers, value_info)."""
+    for node in graph.node:
+        for i, n in enumerate(node.input):
+            if n == old:
+                node.input[i] = new
+        for i, n in enumerate(node.output):
+            if n == old:
+                node.output[i] = new
+    for coll in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for v in coll:
+            if v.name == old:
+                v.name = new
+
+
+def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> None:
+    """Name the output ``embedding`` (renaming any internal value that already has the name),
+    check the graph, and save it once, with external data when needed."""
+    onnx = require("onnx", "export")
+    model = onnx.load(str(path))
+    graph = model.graph
+    names = {o for node in graph.node for o in node.output} | {i.name for i in graph.initializer}
+    if OUTPUT_NAME in names:  # the dynamo exporter names the token-embedding output so
+        k = 0
+        while f"{OUTPUT_NAME}_internal_{k}" in names:
+            k += 1
+        _rename(graph, OUTPUT_NAME, f"{OUTPUT_NAME}_internal_{k}")
+    _rename(graph, _TMP_OUTPUT, OUTPUT_NAME)
+    if [o.name for o in graph.output] != [OUTPUT_NAME]:
+        raise InternalError(f"unexpected graph outputs {[o.name for o in graph.output]}")
+    dims = graph.output[0].type.tensor_type.shape.dim
+    if dims and not dims[0].dim_value:
+        dims[0].dim_param = batch_dim
+    for f in path.parent.iterdir():
+        if f.name != MANIFEST_NAME and f.name.startswith(MODEL_FILE):
+            f.unlink()
+    size = model.ByteSize() if not external else PROTOBUF_LIMIT + 1
+    if external or size > PROTOBUF_LIMIT * 0.9:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=MODEL_FILE + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(e)[:400]}") from e
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"echoembed": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _templates(default: Template) -> tuple[str, tuple[TemplateSpec, ...]]:
+    specs = [TemplateSpec(p.name, p.source, dict(p.defaults)) for p in PRESETS.values()]
+    if default.name in PRESETS and default.source == PRESETS[default.name].source:
+        return default.name, tuple(specs)
+    specs.append(TemplateSpec("default", default.source, dict(default.defaults)))
+    return "default", tuple(specs)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished temporary directory to ``out`` (replacing an old artifact)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: ExportConfig | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> Artifact:
+    """Export ``source`` (smollm2, a HF directory, a .gguf file) to an artifact at ``out_dir``."""
+    config = config or ExportConfig()
+    template = _check_config(config)
+    out = Path(out_dir)
+    _check_target(out, config.force)
+    progress(f"loading {source} ...")
+    loaded = load_model(resolve_source(source), threads=config.threads)
+    arch = get_architecture(loaded.architecture)
+    encoder = EchoEncoder(
+        loaded.tokenizer,
+        loaded.special,
+        EncoderConfig(template, max_length=config.max_length, context_length=loaded.context_length),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model_path = tmp / MODEL_FILE
+        progress(
+            f"tracing {arch.family} with the {config.exporter} exporter (opset {config.opset}) ..."
+        )
+        _trace(loaded, config, encoder, model_path)
+        _finalize_graph(model_path, external=bool(config.external_data))
+        loaded.tokenizer.save(str(tmp / TOKENIZER_NAME))
+        progress("checking parity against the PyTorch reference ...")
+        tolerance = config.parity.tolerance
+        if tolerance is None:
+            tolerance = arch.parity_tolerance
+        parity = check_parity(loaded, encoder, model_path, config, tolerance)
+        default_name, templates = _templates(template)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model_file=MODEL_FILE,
+            source=SourceInfo(
+                name=loaded.source.name,
+                kind=loaded.source.kind,
+                sha256=source_sha256(loaded.source),
+            ),
+            architecture=loaded.architecture,
+            hidden_size=loaded.hidden_size,
+            default_template=default_name,
+            templates=templates,
+            pooling=Pooling.parse(config.pooling).value,
+            normalize=config.normalize,
+            max_length=config.max_length,
+            context_length=loaded.context_length,
+            special_tokens={
+                "bos": loaded.special.bos,
+                "eos": loaded.special.eos,
+                "pad": loaded.special.pad,
+            },
+            precision="fp32",
+            opset=config.opset,
+            exporter=config.exporter,
+            inputs=tuple(TensorSpec(n, "int64", ("batch", "sequence")) for n in INPUT_NAMES),
+            outputs=(TensorSpec(OUTPUT_NAME, "float32", ("batch", loaded.hidden_size)),),
+            files=hash_files(tmp),
+            versions=_versions(),
+            parity=parity,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"wrote {out}")
+    return Artifact(out, manifest)

@@ -1,0 +1,32 @@
+"""The torch-free runtime: load an artifact and embed (numpy, tokenizers, onnxruntime only)."""
+
+from __future__ import annotations
+
+from echoembed.runtime.embedder import Embedder
+from echoembed.runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    ParityReport,
+    SourceInfo,
+    TemplateSpec,
+    TensorSpec,
+    read_manifest,
+    verify_files,
+)
+from echoembed.runtime.ort import OrtRunner, select_providers
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "Embedder",
+    "Manifest",
+    "OrtRunner",
+    "ParityReport",
+    "SourceInfo",
+    "TemplateSpec",
+    "TensorSpec",
+    "read_manifest",
+    "select_providers",
+    "verify_files",
+]

@@ -1,0 +1,138 @@
+"""The torch-free ``Embedder``: tokenizer + echo + an ONNX Runtime session, from an artifact."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from echoembed.echo import (
+    PRESETS,
+    EchoEncoder,
+    EncoderConfig,
+    SpecialTokens,
+    Template,
+    embed_texts,
+    get_template,
+)
+from echoembed.errors import ArtifactError
+from echoembed.runtime.manifest import (
+    TOKENIZER_NAME,
+    Manifest,
+    read_manifest,
+    verify_files,
+)
+from echoembed.runtime.ort import OrtRunner, ProviderSpec
+
+
+def _load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path.parent}: {path.name} is missing; the artifact needs its tokenizer (re-export "
+            "it or copy the whole directory)"
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ArtifactError(f"{path} is not a valid tokenizer file: {e}") from e
+
+
+class Embedder:
+    """Echo embeddings from an exported artifact; safe to call from several threads."""
+
+    def __init__(self, root: Path, manifest: Manifest, tokenizer, runner: OrtRunner):
+        self.root = root
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.special = SpecialTokens(**manifest.special_tokens)
+        self._encoders: dict[tuple, EchoEncoder] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: str | os.PathLike[str],
+        providers: Sequence[ProviderSpec] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ) -> Embedder:
+        """Read the manifest, verify checksums, build the tokenizer and the session."""
+        root = Path(artifact_dir)
+        manifest = read_manifest(root)
+        if verify:
+            verify_files(root, manifest)
+        tokenizer = _load_tokenizer(root / TOKENIZER_NAME)
+        model_path = root / manifest.model_file
+        if not model_path.is_file():
+            raise ArtifactError(f"{root}: model file {manifest.model_file} is missing")
+        runner = OrtRunner(
+            model_path, manifest.outputs[0].name, providers=providers, threads=threads
+        )
+        return cls(root, manifest, tokenizer, runner)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest.hidden_size
+
+    @property
+    def pooling(self) -> str:
+        return self.manifest.pooling
+
+    def template(self, spec: Template | str | None = None) -> Template:
+        """None: the artifact's default; a name: the artifact's copy, else a preset; or a string."""
+        if isinstance(spec, Template):
+            return spec
+        name = self.manifest.default_template if spec is None else spec
+        stored = self.manifest.template(name)
+        if stored is not None:
+            return Template(stored.source, name=stored.name, defaults=stored.defaults)
+        if name in PRESETS or spec is not None:
+            return get_template(name)
+        raise ArtifactError(f"the manifest's default template {name!r} is not in its templates")
+
+    def encoder(self, template: Template | str | None = None) -> EchoEncoder:
+        tpl = self.template(template)
+        key = (tpl.source, tuple(sorted(tpl.defaults.items())))
+        with self._lock:
+            enc = self._encoders.get(key)
+            if enc is None:
+                cfg = EncoderConfig(
+                    tpl,
+                    max_length=self.manifest.max_length,
+                    context_length=self.manifest.context_length,
+                )
+                enc = EchoEncoder(self.tokenizer, self.special, cfg)
+                self._encoders[key] = enc
+        return enc
+
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        template: Template | str | None = None,
+        *,
+        batch_size: int = 32,
+        normalize: bool = True,
+        variables: Mapping[str, str] | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """Embed texts -> float32 [n, hidden], rows in input order.
+
+        ``template=None`` uses the template the artifact was exported and checked with. The
+        pooling is fixed by the artifact. With ``normalize=False`` the graph output is returned
+        as is (already unit-norm when the artifact was exported with normalization).
+        """
+        return embed_texts(
+            self.runner,
+            self.encoder(template),
+            texts,
+            batch_size=batch_size,
+            normalize=normalize,
+            variables=variables,
+            show_progress=show_progress,
+        )

@@ -1,0 +1,177 @@
+"""The artifact contract: one frozen dataclass, written as ``manifest.json`` beside the model.
+
+stdlib only (plus echoembed.errors), so every stage and the runtime can read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from echoembed.errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, element type, shape (str = dynamic axis name)."""
+
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the weights came from."""
+
+    name: str
+    kind: str  # bundled | hf_dir | gguf
+    sha256: str  # of the weight file(s)
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """A template shipped with the artifact (its source and default variables)."""
+
+    name: str
+    source: str
+    defaults: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How the artifact compared with the PyTorch reference at export time."""
+
+    reference: str  # what it was compared against
+    max_abs_diff: float
+    min_cosine: float
+    tolerance: float  # on max_abs_diff
+    batch_sizes: tuple[int, ...]
+    num_texts: int
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runner needs to use an artifact, and where it came from."""
+
+    format_version: int
+    model_file: str
+    source: SourceInfo
+    architecture: str
+    hidden_size: int
+    default_template: str
+    templates: tuple[TemplateSpec, ...]
+    pooling: str
+    normalize: bool
+    max_length: int | None
+    context_length: int | None
+    special_tokens: dict[str, str | None]
+    precision: str
+    opset: int
+    exporter: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: dict[str, str]  # relative path -> sha256, every file but the manifest
+    versions: dict[str, str]
+    parity: ParityReport | None = None
+    created: str = ""
+
+    def template(self, name: str) -> TemplateSpec | None:
+        return next((t for t in self.templates if t.name == name), None)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where}: not a JSON object")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise ArtifactError(
+                f"{where}: no integer format_version; this is not an echoembed artifact"
+            )
+        if version > FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: artifact format version {version} is newer than this echoembed "
+                f"understands ({FORMAT_VERSION}); upgrade echoembed (pip install -U echoembed)"
+            )
+        try:
+            d = dict(data)
+            d["source"] = SourceInfo(**d["source"])
+            d["templates"] = tuple(TemplateSpec(**t) for t in d["templates"])
+            d["inputs"] = tuple(
+                TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]
+            )
+            d["outputs"] = tuple(
+                TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]
+            )
+            if d.get("parity") is not None:
+                p = dict(d["parity"])
+                p["batch_sizes"] = tuple(p["batch_sizes"])
+                d["parity"] = ParityReport(**p)
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the manifest, keyed by relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
+
+def read_manifest(artifact_dir: str | os.PathLike[str]) -> Manifest:
+    """Read ``manifest.json`` (no checksum verification)."""
+    root = Path(artifact_dir)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not a directory; pass an artifact directory")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{root} has no {MANIFEST_NAME}: not an echoembed artifact (create one with "
+            "`echoembed export MODEL OUT`)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+    return Manifest.from_dict(data, where=str(path))
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Every file listed in the manifest exists and has its recorded sha256."""
+    for rel, expected in manifest.files.items():
+        p = root / rel
+        if not p.is_file():
+            raise ArtifactError(
+                f"{root}: file {rel} listed in the manifest is missing; copy the whole artifact "
+                "directory or re-export it"
+            )
+        actual = sha256_file(p)
+        if actual != expected:
+            raise ArtifactError(
+                f"{root}: checksum mismatch for {rel} (expected sha256 {expected[:12]}..., got "
+                f"{actual[:12]}...): the file is corrupt or was modified; re-export or re-copy it"
+            )
