@@ -57,3 +57,20 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(out)
     smollm2_tokenizer[2].save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory, smollm2_reference):
+    """The bundled model exported once per session (default config: echo, mean, dynamo)."""
+    from echoembed.exporter import export
+
+    return export(smollm2_reference.loaded, tmp_path_factory.mktemp("smollm2") / "artifact")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_llama_dir):
+    """A tiny Llama artifact for tests that damage files (cheap to copy)."""
+    from echoembed.exporter import ExportConfig, export
+
+    cfg = ExportConfig(exporter="torchscript")
+    return export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-art") / "artifact", cfg)

@@ -260,18 +260,25 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def export(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str] | LoadedModel,
     out_dir: str | os.PathLike[str],
     config: ExportConfig | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> Artifact:
-    """Export ``source`` (smollm2, a HF directory, a .gguf file) to an artifact at ``out_dir``."""
+    """Export ``source`` to an artifact at ``out_dir``.
+
+    ``source`` is what ``ReferenceEmbedder.load`` takes (``smollm2``, a HF directory, a .gguf
+    file) or an already loaded model (``ReferenceEmbedder.loaded``), which is not modified.
+    """
     config = config or ExportConfig()
     template = _check_config(config)
     out = Path(out_dir)
     _check_target(out, config.force)
-    progress(f"loading {source} ...")
-    loaded = load_model(resolve_source(source), threads=config.threads)
+    if isinstance(source, LoadedModel):
+        loaded = source
+    else:
+        progress(f"loading {source} ...")
+        loaded = load_model(resolve_source(source), threads=config.threads)
     arch = get_architecture(loaded.architecture)
     encoder = EchoEncoder(
         loaded.tokenizer,
