@@ -1,7 +1,10 @@
-"""The demo behind `make demo`: echo vs classical embeddings on the default model.
+"""The demo behind `make demo`: echo vs classical embeddings on the default model, then the
+same model exported to an ONNX artifact and run by the torch-free runtime.
 
-Embeds the shipped sentence pairs (echoembed/data/demo_pairs.tsv: paraphrases and unrelated
-pairs) with the ``echo`` and ``classical`` presets, and optionally reports STS Spearman.
+1. Embeds the shipped sentence pairs (echoembed/data/demo_pairs.tsv: paraphrases and unrelated
+   pairs) with the ``echo`` and ``classical`` presets (and STS Spearman with ``--sts``).
+2. Exports the model to an artifact (reused when it verifies and matches), embeds the same
+   sentences with the runtime, and reports parity and the runtime/reference speed ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +40,24 @@ class DemoConfig:
     sts: str | os.PathLike[str] | None = None
     sts_limit: int | None = None
     threads: int | None = None
+    artifact: str | os.PathLike[str] | None = "artifacts/smollm2-echo"  # None: skip the runtime
+    speed_repeats: int = 3
+
+
+@dataclass
+class RuntimeCheck:
+    artifact: str
+    reused: bool
+    max_abs_diff: float
+    min_cosine: float
+    batch_size: int
+    texts: int
+    reference_texts_per_s: float
+    runtime_texts_per_s: float
+
+    @property
+    def speed_ratio(self) -> float:
+        return self.runtime_texts_per_s / self.reference_texts_per_s
 
 
 @dataclass
@@ -55,6 +76,7 @@ class DemoResult:
     scores: dict[str, TemplateScores] = field(default_factory=dict)
     sts_path: str | None = None
     sts_pairs: int = 0
+    runtime: RuntimeCheck | None = None
 
 
 def load_demo_pairs() -> list[DemoPair]:
@@ -103,7 +125,43 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda s: Non
         result.scores[name] = scores
     if sts is not None:
         result.sts_path, result.sts_pairs = str(config.sts), len(sts)
+    if config.artifact is not None:
+        result.runtime = check_runtime(ref, pairs, config, progress)
     return result
+
+
+def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> RuntimeCheck:
+    """Export (or reuse) the artifact, then compare the runtime with the reference."""
+    from echoembed.exporter import ExportConfig, export_or_reuse
+    from echoembed.runtime import Embedder
+    from echoembed.validation.timing import compare_throughput
+
+    export_config = ExportConfig(template="echo", pooling=config.pooling, threads=config.threads)
+    artifact, reused = export_or_reuse(ref.loaded, config.artifact, export_config, progress)
+    runtime = Embedder.load(artifact.path, threads=config.threads)
+    texts = list(dict.fromkeys([p.sentence1 for p in pairs] + [p.sentence2 for p in pairs]))
+    bs = config.batch_size
+    want = ref.encode(texts, "echo", pooling=config.pooling, batch_size=bs)
+    got = runtime.encode(texts, batch_size=bs)
+    progress(f"timing runtime vs reference on {len(texts)} texts, batch {bs} ...")
+    speed = compare_throughput(
+        {
+            "reference": lambda t: ref.encode(t, "echo", pooling=config.pooling, batch_size=bs),
+            "runtime": lambda t: runtime.encode(t, batch_size=bs),
+        },
+        texts,
+        repeats=config.speed_repeats,
+    )
+    return RuntimeCheck(
+        artifact=str(artifact.path),
+        reused=reused,
+        max_abs_diff=float(np.abs(got - want).max()),
+        min_cosine=float((got * want).sum(axis=1).min()),
+        batch_size=bs,
+        texts=len(texts),
+        reference_texts_per_s=speed["reference"].texts_per_second,
+        runtime_texts_per_s=speed["runtime"].texts_per_second,
+    )
 
 
 def format_demo(result: DemoResult) -> str:
@@ -144,4 +202,17 @@ def format_demo(result: DemoResult) -> str:
                 [f"{x.sts_spearman:.2f}" for x in s],
             )
         )
+    rt = result.runtime
+    if rt is not None:
+        how = "reused" if rt.reused else "exported"
+        lines += [
+            "",
+            f"ONNX artifact ({how}): {rt.artifact}",
+            f"  runtime (onnxruntime fp32) vs reference (PyTorch fp32), echo template, "
+            f"{rt.texts} texts:",
+            f"  parity: max abs diff {rt.max_abs_diff:.2e}, min cosine {rt.min_cosine:.7f}",
+            f"  speed at batch {rt.batch_size}: reference {rt.reference_texts_per_s:.1f} texts/s, "
+            f"runtime {rt.runtime_texts_per_s:.1f} texts/s, ratio {rt.speed_ratio:.2f}x "
+            "(median of interleaved runs, one process)",
+        ]
     return "\n".join(lines)

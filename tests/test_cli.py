@@ -71,3 +71,51 @@ def test_templates_lists_presets(capsys):
     out = capsys.readouterr().out
     for name in ("echo", "classical", "query", "document"):
         assert name in out
+
+
+def test_export_inspect_embed_artifact(tiny_llama_dir, tmp_path, capsys):
+    art = tmp_path / "art"
+    rc = main(
+        ["export", str(tiny_llama_dir), str(art), "--pooling", "last", "--exporter", "torchscript"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "pooling          last" in out and "parity" in out
+    assert main(["inspect", str(art)]) == 0
+    assert "all 2 files verified" in capsys.readouterr().out
+    assert main(["export", str(tiny_llama_dir), str(art)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    src = tmp_path / "texts.txt"
+    src.write_text("A man is playing the guitar.\nKids play.\n", encoding="utf-8")
+    rc = main(["embed", str(art), "-i", str(src), "-o", str(tmp_path / "rt.npy")])
+    assert rc == 0
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(tiny_llama_dir),
+            "--pooling",
+            "last",
+            "-i",
+            str(src),
+            "-o",
+            str(tmp_path / "ref.npy"),
+        ]
+    )
+    assert rc == 0
+    np.testing.assert_allclose(
+        np.load(tmp_path / "rt.npy"), np.load(tmp_path / "ref.npy"), atol=1e-4
+    )
+    assert main(["embed", str(art), "--model", "smollm2", "-i", str(src), "-o", "x.npy"]) == 2
+    assert "either an ARTIFACT" in capsys.readouterr().err
+
+
+def test_inspect_reports_corruption(tiny_llama_dir, tmp_path, capsys):
+    art = tmp_path / "art"
+    assert main(["export", str(tiny_llama_dir), str(art), "--exporter", "torchscript"]) == 0
+    with open(art / "tokenizer.json", "a", encoding="utf-8") as f:
+        f.write(" ")
+    capsys.readouterr()
+    assert main(["inspect", str(art)]) == 2
+    assert "checksum mismatch for tokenizer.json" in capsys.readouterr().err

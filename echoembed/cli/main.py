@@ -6,42 +6,80 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from echoembed.errors import UserError
 
 
-def _add_template_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--template",
-        default="echo",
-        help="preset name (echo, classical, query, document) or a template string",
-    )
-    p.add_argument("--pooling", choices=["mean", "last"], default="mean")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--max-length", type=int, default=None, help="truncate every template piece to N tokens"
-    )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
-    from echoembed.reference import ReferenceEmbedder
     from echoembed.textio import read_texts, save_npy_atomic
 
+    if (args.artifact is None) == (args.model is None):
+        raise UserError(
+            "give either an ARTIFACT directory (runtime) or --model (PyTorch reference)"
+        )
     texts = read_texts(args.input)
-    ref = ReferenceEmbedder.load(args.model, threads=args.threads)
-    emb = ref.encode(
-        texts,
-        args.template,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        normalize=not args.no_normalize,
-        show_progress=True,
-    )
+    if args.artifact is not None:
+        from echoembed.runtime import Embedder
+
+        emb = Embedder.load(args.artifact, providers=args.providers, threads=args.threads).encode(
+            texts,
+            args.template,
+            batch_size=args.batch_size,
+            normalize=not args.no_normalize,
+            show_progress=True,
+        )
+    else:
+        from echoembed.reference import ReferenceEmbedder
+
+        emb = ReferenceEmbedder.load(args.model, threads=args.threads).encode(
+            texts,
+            args.template or "echo",
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            normalize=not args.no_normalize,
+            show_progress=True,
+        )
     out = save_npy_atomic(emb, args.output)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {out}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from echoembed.exporter import ExportConfig, ParityConfig, export
+    from echoembed.runtime.manifest import describe
+
+    config = ExportConfig(
+        template=args.template,
+        pooling=args.pooling,
+        normalize=not args.no_normalize,
+        opset=args.opset,
+        exporter=args.exporter,
+        max_length=args.max_length,
+        external_data=True if args.external_data else None,
+        parity=ParityConfig(tolerance=args.tolerance),
+        force=args.force,
+        threads=args.threads,
+    )
+    artifact = export(args.model, args.out, config, progress=_progress)
+    print(describe(artifact.manifest))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from echoembed.runtime.manifest import describe, read_manifest, verify_files
+
+    manifest = read_manifest(args.artifact)
+    print(describe(manifest))
+    if not args.no_verify:
+        verify_files(Path(args.artifact), manifest)
+        print(f"checksums        all {len(manifest.files)} files verified")
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -53,8 +91,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sts_limit=args.limit,
         batch_size=args.batch_size,
         threads=args.threads,
+        artifact=None if args.no_runtime else args.artifact,
     )
-    result = run_demo(config, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    result = run_demo(config, progress=_progress)
     print(format_demo(result))
     return 0
 
@@ -75,15 +114,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("embed", help="embed a text file (one text per line) into a .npy file")
+    p = sub.add_parser(
+        "embed",
+        help="embed a text file (one text per line) into a .npy file",
+        description="With ARTIFACT: the torch-free runtime. With --model: the PyTorch reference.",
+    )
+    p.add_argument("artifact", nargs="?", help="artifact directory (from `echoembed export`)")
     p.add_argument(
-        "--model", default="smollm2", help="PyTorch reference: smollm2, a HF directory or a .gguf"
+        "--model", help="PyTorch reference instead: smollm2, a HF directory or a .gguf file"
     )
     p.add_argument("-i", "--input", required=True, help="UTF-8 text file, one text per line")
     p.add_argument("-o", "--output", required=True, help="output .npy path")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="preset (echo, classical, query, document) or template string; default: the "
+        "artifact's own, or echo for --model",
+    )
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="--model only")
+    p.add_argument("--max-length", type=int, default=None, help="--model only: tokens per piece")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-normalize", action="store_true", help="skip L2 normalization")
-    _add_template_args(p)
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("export", help="export a model with the echo pooling head to ONNX")
+    p.add_argument("model", help="smollm2, a Hugging Face directory, or a .gguf file")
+    p.add_argument("out", help="artifact directory to create")
+    p.add_argument("--template", default="echo", help="default template (preset or string)")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    p.add_argument("--no-normalize", action="store_true", help="leave the output unnormalized")
+    p.add_argument("--dtype", choices=["fp32"], default="fp32", help="weights and compute")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per template piece")
+    p.add_argument("--external-data", action="store_true", help="weights in model.onnx.data")
+    p.add_argument("--tolerance", type=float, default=None, help="parity: max abs diff")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest and verify its checksums")
+    p.add_argument("artifact")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="echo vs classical on shipped pairs (and STS with --sts)")
     p.add_argument("--model", default="smollm2")
@@ -91,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N STS pairs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--artifact",
+        default="artifacts/smollm2-echo",
+        help="where to export (or reuse) the artifact",
+    )
+    p.add_argument("--no-runtime", action="store_true", help="skip the export/runtime part")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("templates", help="list the template presets")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from echoembed.exporter.architectures import ARCHITECTURES, ArchitectureSpec, get_architecture
-from echoembed.exporter.export import Artifact, ExportConfig, export
+from echoembed.exporter.export import Artifact, ExportConfig, export, export_or_reuse
 from echoembed.exporter.parity import DEFAULT_PARITY_TEXTS, ParityConfig
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "ExportConfig",
     "ParityConfig",
     "export",
+    "export_or_reuse",
     "get_architecture",
 ]

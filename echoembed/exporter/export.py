@@ -7,6 +7,7 @@ directory into place. Nothing is left at the target path unless every stage succ
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import logging
@@ -339,3 +340,41 @@ def export(
         raise
     progress(f"wrote {out}")
     return Artifact(out, manifest)
+
+
+def export_or_reuse(
+    loaded: LoadedModel,
+    out_dir: str | os.PathLike[str],
+    config: ExportConfig | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> tuple[Artifact, bool]:
+    """Reuse the artifact at ``out_dir`` when it verifies and matches the source weights, the
+    export settings and this echoembed version; otherwise export it again (replacing it)."""
+    from echoembed.errors import ArtifactError
+    from echoembed.runtime.manifest import read_manifest, verify_files
+
+    config = config or ExportConfig()
+    out = Path(out_dir)
+    if out.exists():
+        try:
+            m = read_manifest(out)
+            verify_files(out, m)
+            template = _check_config(config)
+            default_name, templates = _templates(template)
+            same = (
+                m.source.sha256 == source_sha256(loaded.source)
+                and m.versions.get("echoembed") == __version__
+                and m.pooling == Pooling.parse(config.pooling).value
+                and m.normalize == config.normalize
+                and m.opset == config.opset
+                and m.max_length == config.max_length
+                and m.templates == templates
+                and m.default_template == default_name
+            )
+            if same:
+                progress(f"reusing {out} (checksums verified)")
+                return Artifact(out, m), True
+        except ArtifactError as e:
+            progress(f"re-exporting {out}: {e}")
+    forced = dataclasses.replace(config, force=True)
+    return export(loaded, out, forced, progress), False

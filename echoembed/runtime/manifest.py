@@ -175,3 +175,31 @@ def verify_files(root: Path, manifest: Manifest) -> None:
                 f"{root}: checksum mismatch for {rel} (expected sha256 {expected[:12]}..., got "
                 f"{actual[:12]}...): the file is corrupt or was modified; re-export or re-copy it"
             )
+
+
+def describe(manifest: Manifest) -> str:
+    """A human-readable summary of a manifest (for `echoembed inspect`)."""
+    m = manifest
+    lines = [
+        f"format version   {m.format_version}",
+        f"source           {m.source.name} ({m.source.kind}, sha256 {m.source.sha256[:16]}...)",
+        f"architecture     {m.architecture}, hidden size {m.hidden_size}",
+        f"precision        {m.precision}, opset {m.opset}, exporter {m.exporter}",
+        f"pooling          {m.pooling}, normalize {m.normalize}",
+        f"template         {m.default_template} (default); available: "
+        + ", ".join(t.name for t in m.templates),
+        f"lengths          max_length per piece {m.max_length}, context {m.context_length}",
+        "inputs           " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs),
+        "outputs          " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs),
+    ]
+    if m.parity is not None:
+        p = m.parity
+        lines.append(
+            f"parity           vs {p.reference}: max abs diff {p.max_abs_diff:.2e}, min cosine "
+            f"{p.min_cosine:.7f} (tolerance {p.tolerance:.0e}, batch sizes {list(p.batch_sizes)}, "
+            f"{p.num_texts} texts)"
+        )
+    lines.append("files            " + ", ".join(f"{k} ({v[:12]}...)" for k, v in m.files.items()))
+    lines.append("versions         " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    lines.append(f"created          {m.created}")
+    return "\n".join(lines)
