@@ -172,3 +172,20 @@ def test_bad_config_values(tiny_dirs, tmp_path):
         export(tiny_dirs["llama"], tmp_path / "a", ExportConfig(opset=13))
     with pytest.raises(Exception, match="unknown pooling"):
         export(tiny_dirs["llama"], tmp_path / "a", ExportConfig(pooling="max"))
+
+
+def test_fp16_export(tiny_dirs, tmp_path):
+    import onnx
+
+    fp32 = export(tiny_dirs["llama"], tmp_path / "fp32", ExportConfig(exporter="torchscript"))
+    fp16 = export(tiny_dirs["llama"], tmp_path / "fp16", ExportConfig(dtype="fp16"))
+    assert fp16.manifest.precision == "fp16" and fp16.manifest.parity.passed
+    assert fp16.manifest.parity.tolerance == 5e-3
+    model = onnx.load(str(fp16.model_path))
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert fp16.model_path.stat().st_size < 0.6 * fp32.model_path.stat().st_size
+    want = ReferenceEmbedder.load(tiny_dirs["llama"]).encode(TEXTS, "echo")
+    got = Embedder.load(fp16.path).encode(TEXTS)
+    assert (got * want).sum(axis=1).min() > 0.999

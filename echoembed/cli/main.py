@@ -54,6 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         template=args.template,
         pooling=args.pooling,
         normalize=not args.no_normalize,
+        dtype=args.dtype,
         opset=args.opset,
         exporter=args.exporter,
         max_length=args.max_length,
@@ -145,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="echo", help="default template (preset or string)")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--no-normalize", action="store_true", help="leave the output unnormalized")
-    p.add_argument("--dtype", choices=["fp32"], default="fp32", help="weights and compute")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="weights and compute (fp16 keeps softmax and norms in fp32)",
+    )
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     p.add_argument("--max-length", type=int, default=None, help="tokens per template piece")

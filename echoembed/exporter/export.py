@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 OUTPUT_NAME = "embedding"
 MIN_OPSET = 17
+# fp16 graphs are compared with the fp32 reference at this tolerance (max abs diff, normalized)
+FP16_TOLERANCE = 5e-3
 PROTOBUF_LIMIT = 2**31 - 1
 _TMP_OUTPUT = "echoembed_pooled_output"
 
@@ -62,6 +64,7 @@ class ExportConfig:
     template: str = "echo"  # preset name or template string: the artifact's default
     pooling: Pooling = Pooling.MEAN
     normalize: bool = True
+    dtype: Literal["fp32", "fp16"] = "fp32"  # weights and compute of the graph
     opset: int = 18
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     max_length: int | None = None  # per template piece, recorded in the manifest
@@ -87,6 +90,8 @@ def _check_config(config: ExportConfig) -> Template:
     Pooling.parse(config.pooling)
     if config.opset < MIN_OPSET:
         raise ExportError(f"opset {config.opset} is too old; use --opset {MIN_OPSET} or newer")
+    if config.dtype not in ("fp32", "fp16"):
+        raise ExportError(f"dtype must be 'fp32' or 'fp16', got {config.dtype!r}")
     if config.exporter not in ("dynamo", "torchscript"):
         raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {config.exporter!r}")
     return get_template(config.template)
@@ -121,15 +126,29 @@ def _example_batch(encoder: EchoEncoder):
     return encoder.encode(["Example sentence for tracing the graph.", "Short one."])
 
 
+def _model_for_dtype(model, dtype: str):
+    """The model to trace: as is for fp32; for fp16 a half-precision copy with eager attention,
+    whose softmax runs in fp32 (RMSNorm/LayerNorm upcast internally, the head pools in fp32)."""
+    if dtype == "fp32":
+        return model
+    import copy
+
+    torch = require("torch", "export")
+    half = copy.deepcopy(model).to(torch.float16)
+    half.set_attn_implementation("eager")
+    return half.eval()
+
+
 def _trace(loaded: LoadedModel, config: ExportConfig, encoder: EchoEncoder, path: Path) -> None:
     torch = require("torch", "export")
     from echoembed.exporter.head import EchoEmbeddingModel
 
-    module = EchoEmbeddingModel(loaded.model, Pooling.parse(config.pooling), config.normalize)
+    base = _model_for_dtype(loaded.model, config.dtype)
+    module = EchoEmbeddingModel(base, Pooling.parse(config.pooling), config.normalize)
     module.eval()
     batch = _example_batch(encoder)
     args = tuple(torch.from_numpy(getattr(batch, n)) for n in INPUT_NAMES)
-    external = bool(config.external_data) or _param_bytes(loaded.model) > PROTOBUF_LIMIT * 0.9
+    external = bool(config.external_data) or _param_bytes(base) > PROTOBUF_LIMIT * 0.9
     common = dict(
         input_names=list(INPUT_NAMES),
         output_names=[_TMP_OUTPUT],
@@ -299,7 +318,7 @@ def export(
         progress("checking parity against the PyTorch reference ...")
         tolerance = config.parity.tolerance
         if tolerance is None:
-            tolerance = arch.parity_tolerance
+            tolerance = arch.parity_tolerance if config.dtype == "fp32" else FP16_TOLERANCE
         parity = check_parity(loaded, encoder, model_path, config, tolerance)
         default_name, templates = _templates(template)
         manifest = Manifest(
@@ -323,7 +342,7 @@ def export(
                 "eos": loaded.special.eos,
                 "pad": loaded.special.pad,
             },
-            precision="fp32",
+            precision=config.dtype,
             opset=config.opset,
             exporter=config.exporter,
             inputs=tuple(TensorSpec(n, "int64", ("batch", "sequence")) for n in INPUT_NAMES),
@@ -366,6 +385,7 @@ def export_or_reuse(
                 and m.versions.get("echoembed") == __version__
                 and m.pooling == Pooling.parse(config.pooling).value
                 and m.normalize == config.normalize
+                and m.precision == config.dtype
                 and m.opset == config.opset
                 and m.max_length == config.max_length
                 and m.templates == templates
