@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Nothing here may reach a model hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STSB_DEV = SHARED_DATA / "stsb" / "dev.tsv"
@@ -28,35 +33,12 @@ def smollm2_reference():
     return ReferenceEmbedder.load("smollm2")
 
 
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    cfg = dict(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-    )
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama saved as a Hugging Face directory, with the SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoModel
+    from tests.tiny_models import save_tiny_model
 
-    torch.manual_seed(0)
-    model = AutoModel.from_config(tiny_llama_config())
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
-    smollm2_tokenizer[2].save_pretrained(out)
-    return out
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer[2])
 
 
 @pytest.fixture(scope="session")

@@ -189,3 +189,24 @@ def test_fp16_export(tiny_dirs, tmp_path):
     want = ReferenceEmbedder.load(tiny_dirs["llama"]).encode(TEXTS, "echo")
     got = Embedder.load(fp16.path).encode(TEXTS)
     assert (got * want).sum(axis=1).min() > 0.999
+
+
+def test_export_or_reuse(tiny_dirs, tmp_path):
+    from echoembed.exporter import export_or_reuse
+    from echoembed.reference.sources import load_model, resolve_source
+
+    loaded = load_model(resolve_source(tiny_dirs["llama"]))
+    cfg = ExportConfig(exporter="torchscript")
+    first, reused = export_or_reuse(loaded, tmp_path / "a", cfg)
+    assert not reused
+    again, reused = export_or_reuse(loaded, tmp_path / "a", cfg)
+    assert reused and again.manifest == first.manifest
+    changed, reused = export_or_reuse(
+        loaded, tmp_path / "a", ExportConfig(exporter="torchscript", pooling="last")
+    )
+    assert not reused and changed.manifest.pooling == "last"
+    (tmp_path / "a" / "tokenizer.json").write_text("{}")  # damaged: exported again
+    repaired, reused = export_or_reuse(
+        loaded, tmp_path / "a", ExportConfig(exporter="torchscript", pooling="last")
+    )
+    assert not reused and Embedder.load(repaired.path).encode(["hi"]).shape == (1, 32)

@@ -24,8 +24,8 @@ CLASSICAL_CANDIDATES: dict[str, str] = {
     "bos": "%%bos%%{%%text%%}",
     "sentence": "%%bos%%Sentence: {%%text%%}",
 }
-CHOSEN_ECHO = "rewrite"
-CHOSEN_CLASSICAL = "bos"
+CHOSEN_ECHO = "rewrite-space"
+CHOSEN_CLASSICAL = "sentence"
 
 
 @dataclass(frozen=True)
