@@ -56,6 +56,10 @@ def test_torchscript_exporter_and_both_poolings(tiny_dirs, tmp_path):
         cfg = ExportConfig(exporter="torchscript", pooling=pooling)
         art = export(tiny_dirs["llama"], tmp_path / pooling, cfg)
         assert art.manifest.exporter == "torchscript" and art.manifest.parity.max_abs_diff < 1e-4
+    import onnx
+
+    names = {n.name for n in onnx.load(str(art.model_path)).graph.node}
+    assert "base.layers.0.self_attn.q_proj/MatMul" in names
 
 
 def test_graph_contract(tiny_dirs, tmp_path):
@@ -75,6 +79,8 @@ def test_graph_contract(tiny_dirs, tmp_path):
     for fn in model.functions:
         ops |= {n.op_type for n in fn.node}
     assert "ArgMax" not in ops
+    linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and "/" in n.name]
+    assert len(linear) == 2 * 7 and "base.layers.1.mlp.down_proj/MatMul" in linear
     assert {"input_ids", "attention_mask", "pool_mask"} <= {i.name for i in art.manifest.inputs}
     assert set(art.manifest.files) == {"model.onnx", "tokenizer.json"}
     assert art.manifest.versions["torch"] and art.manifest.source.kind == "hf_dir"

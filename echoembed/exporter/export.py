@@ -204,6 +204,39 @@ def _rename(graph, old: str, new: str) -> None:
                 v.name = new
 
 
+LINEAR_OPS = ("MatMul", "Gemm")
+
+
+def _module_path(node) -> str | None:
+    """The torch module a node came from: dynamo metadata, or a TorchScript '/a/b.0/c/Op' name."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s.strip("'\" ") for s in prop.value.strip("[]").split(",")]
+            return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        return ".".join(node.name.strip("/").split("/")[:-1])
+    return None
+
+
+def _name_linear_nodes(graph) -> None:
+    """Name every MatMul/Gemm with a weight initializer ``<module path>/<op>`` (e.g.
+    ``base.layers.3.mlp.down_proj/MatMul``), so quantization can address layers and projections."""
+    weights = {i.name for i in graph.initializer}
+    taken = {n.name for n in graph.node}
+    for node in graph.node:
+        if node.op_type not in LINEAR_OPS or not any(i in weights for i in node.input[1:]):
+            continue
+        module = _module_path(node)
+        if module is None:
+            continue
+        name, k = f"{module}/{node.op_type}", 1
+        while name in taken and name != node.name:
+            name, k = f"{module}/{node.op_type}_{k}", k + 1
+        taken.discard(node.name)
+        node.name = name
+        taken.add(name)
+
+
 def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> None:
     """Name the output ``embedding`` (renaming any internal value that already has the name),
     check the graph, and save it once, with external data when needed."""
@@ -217,6 +250,7 @@ def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> Non
             k += 1
         _rename(graph, OUTPUT_NAME, f"{OUTPUT_NAME}_internal_{k}")
     _rename(graph, _TMP_OUTPUT, OUTPUT_NAME)
+    _name_linear_nodes(graph)
     if [o.name for o in graph.output] != [OUTPUT_NAME]:
         raise InternalError(f"unexpected graph outputs {[o.name for o in graph.output]}")
     dims = graph.output[0].type.tensor_type.shape.dim
