@@ -64,3 +64,7 @@ class UnsupportedArchitectureError(ExportError):
 
 class BackendError(UserError):
     """An inference backend (ONNX Runtime, TensorRT) rejected the artifact or the request."""
+
+
+class AccuracyBudgetError(UserError):
+    """A quantized artifact falls below its accuracy budget (nothing is written)."""

@@ -56,3 +56,13 @@ def tiny_artifact(tmp_path_factory, tiny_llama_dir):
 
     cfg = ExportConfig(exporter="torchscript")
     return export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-art") / "artifact", cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs_gpt2_artifact(tmp_path_factory, smollm2_tokenizer):
+    """A tiny GPT-2 artifact (Gemm layers, no gated MLP)."""
+    from echoembed.exporter import ExportConfig, export
+    from tests.tiny_models import save_tiny_model
+
+    src = save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), smollm2_tokenizer[2])
+    return export(src, tmp_path_factory.mktemp("gpt2-art") / "artifact", ExportConfig())

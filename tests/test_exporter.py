@@ -130,7 +130,7 @@ def test_parity_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
 def test_existing_target_needs_force(tiny_dirs, tmp_path):
     target = tmp_path / "art"
     first = export(tiny_dirs["llama"], target, ExportConfig(exporter="torchscript"))
-    with pytest.raises(ExportError, match="already exists.*--force"):
+    with pytest.raises(ArtifactError, match="already exists.*--force"):
         export(tiny_dirs["llama"], target, ExportConfig(exporter="torchscript"))
     second = export(
         tiny_dirs["llama"], target, ExportConfig(exporter="torchscript", pooling="last", force=True)

@@ -68,6 +68,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from echoembed.calibration import (
+        CalibrationConfig,
+        Int4WeightOnlyConfig,
+        QuantizeOptions,
+        quantize,
+        recipe_from_name,
+    )
+    from echoembed.runtime.manifest import describe
+
+    config = recipe_from_name(args.recipe)
+    changes: dict = {"exclude": tuple(args.exclude)}
+    if isinstance(config, Int4WeightOnlyConfig):
+        changes["block_size"] = args.block_size
+    elif args.no_smooth:
+        changes["smooth_alpha"] = None
+    elif args.smooth_alpha is not None:
+        changes["smooth_alpha"] = args.smooth_alpha
+    config = dataclasses.replace(config, **changes)
+    options = QuantizeOptions(
+        calibration=CalibrationConfig(path=args.calibration, samples=args.samples, seed=args.seed),
+        max_drop=args.max_drop,
+        allow_over_budget=args.allow_over_budget,
+        force=args.force,
+    )
+    artifact = quantize(args.artifact, args.out, config, options, progress=_progress)
+    print(describe(artifact.manifest))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from echoembed.runtime.manifest import describe, read_manifest, verify_files
 
@@ -160,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="quantize an fp32 artifact (INT8, 4-bit) into a new one")
+    p.add_argument("artifact", help="fp32 artifact directory (from `echoembed export`)")
+    p.add_argument("out", help="artifact directory to create")
+    p.add_argument("--recipe", required=True, choices=["int8-dynamic", "int4-rtn", "int4-hqq"])
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="texts: .txt (one per line), STS .tsv, .tsv with a text column, or .jsonl corpus "
+        "(default: a small set shipped with echoembed)",
+    )
+    p.add_argument("--samples", type=int, default=64, help="calibration texts (as many held out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        help="accuracy budget: allowed drop of mean cosine vs fp32 (e.g. 0.005); the most "
+        "sensitive layers are kept in float until it holds",
+    )
+    p.add_argument("--allow-over-budget", action="store_true", help="write it even if over")
+    p.add_argument("--exclude", nargs="*", default=[], help="layers to keep in float (globs)")
+    p.add_argument("--block-size", type=int, default=32, help="4-bit block size")
+    p.add_argument("--smooth-alpha", type=float, default=None, help="INT8 SmoothQuant alpha")
+    p.add_argument("--no-smooth", action="store_true", help="INT8 without SmoothQuant")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="show an artifact's manifest and verify its checksums")
     p.add_argument("artifact")

@@ -43,7 +43,9 @@ from echoembed.runtime.manifest import (
     SourceInfo,
     TemplateSpec,
     TensorSpec,
+    check_target,
     hash_files,
+    install_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -95,15 +97,6 @@ def _check_config(config: ExportConfig) -> Template:
     if config.exporter not in ("dynamo", "torchscript"):
         raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {config.exporter!r}")
     return get_template(config.template)
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(
-            f"{out} already exists; choose another path or pass --force to replace it"
-        )
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; remove it first")
 
 
 def source_sha256(source: ModelSource) -> str:
@@ -297,22 +290,6 @@ def _templates(default: Template) -> tuple[str, tuple[TemplateSpec, ...]]:
     return "default", tuple(specs)
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory to ``out`` (replacing an old artifact)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export(
     source: str | os.PathLike[str] | LoadedModel,
     out_dir: str | os.PathLike[str],
@@ -327,7 +304,7 @@ def export(
     config = config or ExportConfig()
     template = _check_config(config)
     out = Path(out_dir)
-    _check_target(out, config.force)
+    check_target(out, config.force)
     if isinstance(source, LoadedModel):
         loaded = source
     else:
@@ -387,7 +364,7 @@ def export(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        _install(tmp, out)
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,25 @@ class ParityReport:
 
 
 @dataclass(frozen=True)
+class QuantizationInfo:
+    """How a quantized artifact was derived from its fp32 parent, and what it cost in accuracy."""
+
+    recipe: str  # e.g. int8-dynamic, int4-hqq
+    settings: dict[str, Any]  # the typed recipe config, as JSON
+    parent_sha256: str  # sha256 of the fp32 parent's model file
+    calibration_source: str
+    calibration_sha256: str
+    calibration_texts: int
+    excluded: tuple[str, ...]  # linear nodes kept in float
+    smoothed: tuple[str, ...]  # modules rewritten by SmoothQuant
+    eval_texts: int
+    mean_cosine: float  # vs the fp32 parent on held-out texts
+    min_cosine: float
+    max_drop: float | None  # the accuracy budget (mean cosine drop), if any
+    within_budget: bool
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a runner needs to use an artifact, and where it came from."""
 
@@ -85,6 +105,7 @@ class Manifest:
     versions: dict[str, str]
     parity: ParityReport | None = None
     created: str = ""
+    quantization: QuantizationInfo | None = None
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
@@ -120,6 +141,11 @@ class Manifest:
                 p = dict(d["parity"])
                 p["batch_sizes"] = tuple(p["batch_sizes"])
                 d["parity"] = ParityReport(**p)
+            if d.get("quantization") is not None:
+                q = dict(d["quantization"])
+                q["excluded"] = tuple(q["excluded"])
+                q["smoothed"] = tuple(q["smoothed"])
+                d["quantization"] = QuantizationInfo(**q)
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
@@ -201,5 +227,39 @@ def describe(manifest: Manifest) -> str:
         )
     lines.append("files            " + ", ".join(f"{k} ({v[:12]}...)" for k, v in m.files.items()))
     lines.append("versions         " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    if m.quantization is not None:
+        q = m.quantization
+        lines.append(
+            f"quantization     {q.recipe}: mean/min cosine vs fp32 {q.mean_cosine:.5f}/"
+            f"{q.min_cosine:.5f} on {q.eval_texts} held-out texts; {len(q.excluded)} layers kept "
+            f"in float, {len(q.smoothed)} smoothed; calibration {q.calibration_texts} texts from "
+            f"{q.calibration_source}"
+        )
     lines.append(f"created          {m.created}")
     return "\n".join(lines)
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse to overwrite an existing artifact unless forced."""
+    if out.exists() and not force:
+        raise ArtifactError(
+            f"{out} already exists; choose another path or pass --force to replace it"
+        )
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory; remove it first")
+
+
+def install_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory to ``out`` (replacing an old artifact) by renames."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,31 @@
+"""Calibration and quantization of fp32 artifacts (onnx, onnxruntime.quantization)."""
+
+from __future__ import annotations
+
+from echoembed.calibration.data import (
+    CalibrationConfig,
+    CalibrationSet,
+    FixedShapeReader,
+    load_calibration,
+    read_texts_any,
+)
+from echoembed.calibration.quantize import quantize
+from echoembed.calibration.recipes import (
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    QuantizeOptions,
+    recipe_from_name,
+)
+
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationSet",
+    "FixedShapeReader",
+    "Int4WeightOnlyConfig",
+    "Int8DynamicConfig",
+    "QuantizeOptions",
+    "load_calibration",
+    "quantize",
+    "read_texts_any",
+    "recipe_from_name",
+]
