@@ -187,3 +187,22 @@ def test_gemm_rewrite_is_exact(tiny_dirs_gpt2_artifact):
     assert all(n.endswith("/MatMul") for n in linear_nodes(model))
     after = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+def test_real_model_int8_and_int4(smollm2_artifact, tmp_path):
+    """SmolLM2: INT8 (SmoothQuant) and 4-bit HQQ against the fp32 artifact on STS-B dev texts.
+
+    Measured here: INT8 mean cosine 0.990, 4-bit HQQ 0.99998 (HQQ re-finds the Q4_1 grid of the
+    bundled checkpoint, so the 4-bit figure is specific to a 4-bit-derived model).
+    """
+    opts = QuantizeOptions(calibration=CalibrationConfig(path=STSB_DEV, samples=24, seed=3))
+    texts = read_texts_any(STSB_DEV)[-40:]
+    want = Embedder.load(smollm2_artifact.path).encode(texts)
+    for config, floor in ((Int8DynamicConfig(), 0.98), (Int4WeightOnlyConfig(), 0.9995)):
+        art = quantize(smollm2_artifact.path, tmp_path / config.recipe, config, opts)
+        q = art.manifest.quantization
+        assert q.mean_cosine >= floor and q.calibration_texts == 24
+        got = Embedder.load(art.path).encode(texts)
+        assert float((got * want).sum(axis=1).mean()) >= floor
+        size = (art.path / "model.onnx").stat().st_size
+        assert size < 0.6 * smollm2_artifact.model_path.stat().st_size

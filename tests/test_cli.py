@@ -119,3 +119,40 @@ def test_inspect_reports_corruption(tiny_llama_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(art)]) == 2
     assert "checksum mismatch for tokenizer.json" in capsys.readouterr().err
+
+
+def test_quantize_cli(tiny_artifact, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(
+        [
+            "quantize",
+            str(tiny_artifact.path),
+            str(out),
+            "--recipe",
+            "int4-rtn",
+            "--samples",
+            "8",
+            "--exclude",
+            "*.layers.0.*",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "quantization     int4-rtn" in text and "7 layers kept in float" in text
+    rc = main(
+        [
+            "quantize",
+            str(tiny_artifact.path),
+            str(tmp_path / "r"),
+            "--recipe",
+            "int4-rtn",
+            "--samples",
+            "8",
+            "--max-drop",
+            "0",
+            "--exclude",
+            "*.layers.0.*",
+        ]
+    )
+    assert rc == 2 and "misses the budget" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
