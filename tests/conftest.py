@@ -51,11 +51,10 @@ def smollm2_artifact(tmp_path_factory, smollm2_reference):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_llama_dir):
-    """A tiny Llama artifact for tests that damage files (cheap to copy)."""
-    from echoembed.exporter import ExportConfig, export
+    """A tiny Llama artifact (default export) for quantization and tests that damage files."""
+    from echoembed.exporter import export
 
-    cfg = ExportConfig(exporter="torchscript")
-    return export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-art") / "artifact", cfg)
+    return export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-art") / "artifact")
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,9 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     assert "base.layers.1.mlp.down_proj/MatMul" in names, "excluded layer stays a float MatMul"
     q = read_manifest(art.path).quantization
     assert q.recipe == "int8-dynamic" and q.excluded == ("base.layers.1.mlp.down_proj/MatMul",)
-    assert q.smoothed == ("base.layers.0.mlp.down_proj", "base.layers.1.mlp.down_proj")
+    assert q.smoothed[:2] == ("base.layers.0.mlp.down_proj", "base.layers.1.mlp.down_proj")
+    assert "base.layers.0.mlp.gate_proj+base.layers.0.mlp.up_proj" in q.smoothed
+    assert len(q.smoothed) == 2 + 4  # two MLPs, and q/k/v + gate/up in each of two layers
     assert q.calibration_texts == 12 and q.eval_texts == 12 and q.settings["per_channel"] is True
     assert 0.9 < q.mean_cosine <= 1.0 + 1e-6 and q.min_cosine <= q.mean_cosine
     assert read_manifest(art.path).precision == "int8-dynamic"
@@ -111,19 +113,22 @@ def test_smoothing_is_exact_in_float(tiny_artifact):
     import onnxruntime as ort
 
     from echoembed.calibration.graph import input_abs_max, linear_nodes
-    from echoembed.calibration.smooth import mlp_pairs, smooth_mlp
+    from echoembed.calibration.smooth import mlp_pairs, norm_groups, smooth_mlp, smooth_norm_inputs
 
     model = onnx.load(str(tiny_artifact.model_path))
     rt = Embedder.load(tiny_artifact.path)
     reader = FixedShapeReader(rt.encoder(), ["one text here", "and another, longer text"], 2)
-    downs = [d.input for _, d in mlp_pairs(model, linear_nodes(model))]
-    assert len(downs) == 2
-    amax = input_abs_max(model, downs, reader)
+    linear = linear_nodes(model)
+    downs = [d.input for _, d in mlp_pairs(model, linear)]
+    groups = [lns[0].input for _, lns in norm_groups(model, linear)]
+    assert len(downs) == 2 and len(groups) == 4
+    amax = input_abs_max(model, downs + groups, reader)
     before = ort.InferenceSession(model.SerializeToString()).run(None, reader.batches[0])[0]
     assert smooth_mlp(model, amax, 0.7) == [
         "base.layers.0.mlp.down_proj",
         "base.layers.1.mlp.down_proj",
     ]
+    assert len(smooth_norm_inputs(model, linear, amax, 0.7)) == 4
     after = ort.InferenceSession(model.SerializeToString()).run(None, reader.batches[0])[0]
     np.testing.assert_allclose(after, before, atol=1e-5)
 

@@ -54,6 +54,8 @@ def input_abs_max(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
     onnx = require("onnx", "export")
     import onnxruntime as ort
 
+    if not tensors:
+        return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for name in tensors:

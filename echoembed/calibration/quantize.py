@@ -29,7 +29,7 @@ from echoembed.calibration.recipes import (
     RecipeConfig,
     settings_of,
 )
-from echoembed.calibration.smooth import mlp_pairs, smooth_mlp
+from echoembed.calibration.smooth import mlp_pairs, norm_groups, smooth_mlp, smooth_norm_inputs
 from echoembed.echo import EchoEncoder, embed_texts
 from echoembed.errors import AccuracyBudgetError, ArtifactError, require
 from echoembed.runtime import Embedder, OrtRunner
@@ -224,11 +224,15 @@ def quantize(
         smoothed: list[str] = []
         if isinstance(config, Int8DynamicConfig) and config.smooth_alpha is not None:
             downs = [d.input for _, d in mlp_pairs(model, linear)]
-            if downs:
-                progress(f"SmoothQuant (alpha {config.smooth_alpha}) on {len(downs)} MLPs ...")
-                smoothed = smooth_mlp(
-                    model, input_abs_max(model, downs, reader), config.smooth_alpha
+            groups = [lns[0].input for _, lns in norm_groups(model, linear)]
+            if downs or groups:
+                progress(
+                    f"SmoothQuant (alpha {config.smooth_alpha}): {len(downs)} MLP down "
+                    f"projections, {len(groups)} norm-fed groups ..."
                 )
+                amax = input_abs_max(model, downs + groups, reader)
+                smoothed = smooth_mlp(model, amax, config.smooth_alpha)
+                smoothed += smooth_norm_inputs(model, linear, amax, config.smooth_alpha)
         float_path = work / "float.onnx"
         _save(model, float_path)
         model_path = tmp / MODEL_FILE

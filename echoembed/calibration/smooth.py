@@ -64,3 +64,64 @@ def smooth_mlp(model, amax: dict[str, np.ndarray], alpha: float) -> list[str]:
         done.append(down.module)
     _ = onnx  # imported for the install hint
     return done
+
+
+def norm_groups(model, linear: dict[str, LinearNode]) -> list[tuple[str, list[LinearNode]]]:
+    """(norm weight initializer, linear layers) where the layers' shared input is
+    ``Mul(norm_weight, x)`` (RMSNorm/LayerNorm scale) and nothing else reads that input: q/k/v
+    after input_layernorm, gate/up after post_attention_layernorm."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_input: dict[str, list[LinearNode]] = {}
+    for ln in linear.values():
+        if ln.op_type == "MatMul":
+            by_input.setdefault(ln.input, []).append(ln)
+    groups = []
+    for x, lns in by_input.items():
+        mul = producers.get(x)
+        if mul is None or mul.op_type != "Mul":
+            continue
+        scale = [i for i in mul.input if i in inits and len(inits[i].dims) == 1]
+        if len(scale) != 1:
+            continue
+        if {n.name for n in consumers.get(x, [])} != {ln.name for ln in lns}:
+            continue
+        name = scale[0]
+        if len(consumers.get(name, [])) != 1:  # deduplicated by the exporter: give it a copy
+            private = model.graph.initializer.add()
+            private.CopyFrom(inits[name])
+            private.name = f"{name}.{mul.name or x}"
+            mul.input[list(mul.input).index(name)] = private.name
+            inits[private.name] = private
+            consumers[name].remove(mul)
+            name = private.name
+        groups.append((name, lns))
+    return groups
+
+
+def smooth_norm_inputs(
+    model, linear: dict[str, LinearNode], amax: dict[str, np.ndarray], alpha: float
+) -> list[str]:
+    """Fold SmoothQuant scales into the norm weight feeding each group; returns group names."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = []
+    for scale_name, lns in norm_groups(model, linear):
+        x = lns[0].input
+        if x not in amax:
+            continue
+        weights = [numpy_helper.to_array(inits[ln.weight]).astype(np.float32) for ln in lns]
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # per input channel
+        s = np.power(np.maximum(amax[x], 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1 - alpha)
+        s = np.clip(s, 1e-5, 1e5).astype(np.float32)
+        gamma = numpy_helper.to_array(inits[scale_name]).astype(np.float32)
+        inits[scale_name].CopyFrom(numpy_helper.from_array(gamma / s, scale_name))
+        for ln, w in zip(lns, weights, strict=True):
+            inits[ln.weight].CopyFrom(numpy_helper.from_array(w * s[:, None], ln.weight))
+        done.append("+".join(sorted(ln.module for ln in lns)))
+    return done
