@@ -35,8 +35,9 @@ from echoembed.errors import AccuracyBudgetError, ArtifactError, require
 from echoembed.runtime import Embedder, OrtRunner
 from echoembed.runtime.manifest import (
     MANIFEST_NAME,
+    MODEL_FILE,
     TOKENIZER_NAME,
-    Manifest,
+    Artifact,
     QuantizationInfo,
     check_target,
     hash_files,
@@ -47,14 +48,7 @@ from echoembed.runtime.manifest import (
 )
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.onnx"
 LARGE = 2**31 - 2**27
-
-
-@dataclass(frozen=True)
-class Artifact:
-    path: Path
-    manifest: Manifest
 
 
 @dataclass(frozen=True)

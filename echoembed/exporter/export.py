@@ -38,7 +38,9 @@ from echoembed.reference.sources import LoadedModel, ModelSource, load_model, re
 from echoembed.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MODEL_FILE,
     TOKENIZER_NAME,
+    Artifact,
     Manifest,
     SourceInfo,
     TemplateSpec,
@@ -50,7 +52,6 @@ from echoembed.runtime.manifest import (
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 OUTPUT_NAME = "embedding"
 MIN_OPSET = 17
 # fp16 graphs are compared with the fp32 reference at this tolerance (max abs diff, normalized)
@@ -74,18 +75,6 @@ class ExportConfig:
     parity: ParityConfig = field(default_factory=ParityConfig)
     force: bool = False  # replace an existing artifact at the target
     threads: int | None = None
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A finished artifact directory and its manifest."""
-
-    path: Path
-    manifest: Manifest
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / self.manifest.model_file
 
 
 def _check_config(config: ExportConfig) -> Template:

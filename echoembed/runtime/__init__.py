@@ -6,6 +6,7 @@ from echoembed.runtime.embedder import Embedder
 from echoembed.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    Artifact,
     Manifest,
     ParityReport,
     SourceInfo,
@@ -19,6 +20,7 @@ from echoembed.runtime.ort import OrtRunner, select_providers
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "Artifact",
     "Embedder",
     "Manifest",
     "OrtRunner",

@@ -19,6 +19,7 @@ from echoembed.errors import ArtifactError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,18 @@ class Manifest:
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact directory and its manifest (what export and quantize return)."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
