@@ -11,6 +11,8 @@ import numpy as np
 
 from echoembed.errors import require
 
+# Above this a ModelProto is saved with external data (protobuf's hard limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 2**31 - 2**27
 _LAYER_RE = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
@@ -64,7 +66,9 @@ def input_abs_max(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
         )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        onnx.save_model(probe, str(path), save_as_external_data=probe.ByteSize() > 2**31 - 2**27)
+        onnx.save_model(
+            probe, str(path), save_as_external_data=probe.ByteSize() > EXTERNAL_DATA_BYTES
+        )
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         result: dict[str, np.ndarray] = {}
         reader.rewind()
@@ -80,7 +84,7 @@ def input_abs_max(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
 def gemm_to_matmul(model) -> int:
     """Rewrite weight Gemms (GPT-2's Conv1D) as MatMul + Add, keeping the ``<module>/`` name, so
     every quantizer sees MatMuls. Returns the number rewritten."""
-    onnx = require("onnx", "export")
+    require("onnx", "export")
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -115,5 +119,4 @@ def gemm_to_matmul(model) -> int:
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    _ = onnx
     return count

@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from echoembed.calibration.data import CalibrationSet, FixedShapeReader, load_calibration
-from echoembed.calibration.graph import LinearNode, gemm_to_matmul, input_abs_max, linear_nodes
+from echoembed.calibration.graph import (
+    EXTERNAL_DATA_BYTES,
+    LinearNode,
+    gemm_to_matmul,
+    input_abs_max,
+    linear_nodes,
+)
 from echoembed.calibration.recipes import (
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
@@ -48,7 +54,6 @@ from echoembed.runtime.manifest import (
 )
 
 log = logging.getLogger(__name__)
-LARGE = 2**31 - 2**27
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def _match(patterns: tuple[str, ...], linear: dict[str, LinearNode]) -> tuple[st
 
 def _save(model, path: Path) -> None:
     onnx = require("onnx", "export")
-    large = model.ByteSize() > LARGE
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
     onnx.save_model(
         model,
         str(path),

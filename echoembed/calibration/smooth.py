@@ -42,7 +42,7 @@ def mlp_pairs(model, linear: dict[str, LinearNode]) -> list[tuple[LinearNode, Li
 
 def smooth_mlp(model, amax: dict[str, np.ndarray], alpha: float) -> list[str]:
     """Rewrite ``model`` in place; returns the smoothed down_proj modules."""
-    onnx = require("onnx", "export")
+    require("onnx", "export")
     from onnx import numpy_helper
 
     from echoembed.calibration.graph import linear_nodes
@@ -62,7 +62,6 @@ def smooth_mlp(model, amax: dict[str, np.ndarray], alpha: float) -> list[str]:
         inits[down.weight].CopyFrom(numpy_helper.from_array(w_down * s[:, None], down.weight))
         inits[up.weight].CopyFrom(numpy_helper.from_array(w_up / s[None, :], up.weight))
         done.append(down.module)
-    _ = onnx  # imported for the install hint
     return done
 
 

@@ -241,8 +241,7 @@ def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> Non
     for f in path.parent.iterdir():
         if f.name != MANIFEST_NAME and f.name.startswith(MODEL_FILE):
             f.unlink()
-    size = model.ByteSize() if not external else PROTOBUF_LIMIT + 1
-    if external or size > PROTOBUF_LIMIT * 0.9:
+    if external or model.ByteSize() > PROTOBUF_LIMIT * 0.9:
         onnx.save_model(
             model,
             str(path),
