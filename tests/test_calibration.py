@@ -12,10 +12,12 @@ from echoembed.calibration import (
     FixedShapeReader,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
+    Int8StaticConfig,
     QuantizeOptions,
     load_calibration,
     quantize,
     read_texts_any,
+    recipe_from_name,
 )
 from echoembed.errors import AccuracyBudgetError, ArtifactError, InputError, UserError
 from echoembed.runtime import Embedder, read_manifest
@@ -103,9 +105,124 @@ def test_int4_structure(tiny_artifact, tmp_path, algorithm):
     )
     found = ops(art.path / "model.onnx")
     assert found.count("MatMulNBits") == 14
+    assert found.count("GatherBlockQuantized") == 1 and "Gather" not in found, "4-bit embedding"
     q = art.manifest.quantization
     assert q.recipe == f"int4-{algorithm}" and q.settings["block_size"] == 32
-    assert q.mean_cosine > 0.9
+    assert q.settings["quantize_embedding"] is True and q.mean_cosine > 0.9
+
+
+def test_int4_float_embedding(tiny_artifact, tmp_path):
+    cfg = Int4WeightOnlyConfig(algorithm="rtn", quantize_embedding=False)
+    art = quantize(tiny_artifact.path, tmp_path / "q", cfg, SMALL)
+    found = ops(art.path / "model.onnx")
+    assert "GatherBlockQuantized" not in found and found.count("Gather") == 1
+
+
+def test_int8_static_structure(tiny_artifact, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    cfg = Int8StaticConfig(exclude=("*.layers.1.mlp.down_proj/*",))
+    art = quantize(tiny_artifact.path, tmp_path / "s", cfg, SMALL)
+    model = onnx.load(str(art.model_path))
+    found = [n.op_type for n in model.graph.node]
+    # 14 linear layers read 8 distinct inputs (q/k/v and gate/up share theirs); one is excluded
+    assert found.count("QuantizeLinear") == 7 and found.count("DequantizeLinear") == 7 + 13
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zeros = [v for k, v in inits.items() if k.endswith(("act_zero", "weight_zero"))]
+    assert len(zeros) == 7 + 13 and all(z.dtype == np.int8 and not z.any() for z in zeros)
+    w = inits["base.layers.0.mlp.up_proj.weight_int8"]
+    scale = inits["base.layers.0.mlp.up_proj.weight_scale"]
+    assert w.dtype == np.int8 and np.abs(w).max() == 127 and scale.shape == (w.shape[1],)
+    down = next(n for n in model.graph.node if n.name == "base.layers.1.mlp.down_proj/MatMul")
+    assert not down.input[0].endswith("/dq"), "the excluded layer reads float activations"
+    q = art.manifest.quantization
+    assert q.recipe == "int8-static" and q.settings["method"] == "minmax"
+    assert q.excluded == ("base.layers.1.mlp.down_proj/MatMul",) and len(q.smoothed) == 6
+    assert q.mean_cosine > 0.99
+    emb = Embedder.load(art.path).encode(["hello world", "kids play"])
+    assert emb.shape == (2, 32) and np.isfinite(emb).all()
+
+
+def test_static_calibrators_on_known_data():
+    from echoembed.calibration.static import BINS, _entropy_threshold
+
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(size=200_000))
+    x[:3] = 40.0  # three outliers stretch the min/max range
+    hist, _ = np.histogram(x, bins=BINS, range=(0, x.max()))
+    thr = _entropy_threshold(hist, x.max() / BINS)
+    assert 2.0 < thr < 10.0, "entropy clips the outliers but keeps the Gaussian body"
+
+
+def test_static_methods_and_cache(tiny_artifact, tmp_path, caplog):
+    from echoembed.calibration.static import read_cache
+
+    cache = tmp_path / "cache" / "ranges.json"
+    opts = QuantizeOptions(calibration=SMALL.calibration, calibration_cache=cache)
+    msgs: list[str] = []
+    quantize(tiny_artifact.path, tmp_path / "a", Int8StaticConfig(), opts, progress=msgs.append)
+    assert cache.is_file() and any("wrote the calibration cache" in m for m in msgs)
+    minmax = json.loads(cache.read_text())["ranges"]
+    assert list(cache.parent.iterdir()) == [cache], "atomic write leaves no temp file"
+    msgs.clear()
+    quantize(tiny_artifact.path, tmp_path / "b", Int8StaticConfig(), opts, progress=msgs.append)
+    assert any("from the cache" in m for m in msgs)
+    # another calibration sample: the cache is stale, detected and recomputed
+    other = QuantizeOptions(
+        calibration=CalibrationConfig(samples=12, batch_size=4, seed=7), calibration_cache=cache
+    )
+    msgs.clear()
+    with caplog.at_level("WARNING"):
+        quantize(
+            tiny_artifact.path, tmp_path / "c", Int8StaticConfig(), other, progress=msgs.append
+        )
+    assert "is stale (" in caplog.text and "calibration_sha256" in caplog.text
+    assert not any("from the cache" in m for m in msgs)
+    for method in ("percentile", "entropy"):
+        quantize(tiny_artifact.path, tmp_path / method, Int8StaticConfig(method=method), opts)
+        ranges = json.loads(cache.read_text())["ranges"]
+        assert json.loads(cache.read_text())["key"]["method"] == method
+        assert all(0 < ranges[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    cache.write_text("{not json", encoding="utf-8")
+    assert read_cache(cache, None) is None
+
+
+def test_recipe_from_name_overrides():
+    assert recipe_from_name("int4-gptq", block_size=64).block_size == 64
+    assert recipe_from_name("int8-static", method="entropy", block_size=None).method == "entropy"
+    with pytest.raises(UserError, match="no setting 'method'.*int8-static"):
+        recipe_from_name("int4-hqq", method="entropy")
+    with pytest.raises(UserError, match="unknown recipe"):
+        recipe_from_name("int3")
+
+
+def test_spearman_budget(tiny_artifact, tmp_path):
+    opts = QuantizeOptions(
+        calibration=SMALL.calibration, max_drop=50.0, metric="spearman", sts=STSB_DEV, sts_limit=40
+    )
+    art = quantize(tiny_artifact.path, tmp_path / "s", Int4WeightOnlyConfig(algorithm="rtn"), opts)
+    q = art.manifest.quantization
+    assert q.metric == "spearman" and q.sts_pairs == 40 and q.within_budget
+    assert q.parent_sts_spearman is not None and q.sts_spearman is not None
+    assert q.parent_sts_spearman - q.sts_spearman <= 50.0
+    refuse = QuantizeOptions(
+        calibration=SMALL.calibration, max_drop=0.0, metric="spearman", sts=STSB_DEV,
+        sts_limit=40, max_float_fraction=0.0,
+    )  # fmt: skip
+    if q.sts_spearman < q.parent_sts_spearman:
+        with pytest.raises(AccuracyBudgetError, match="STS Spearman points"):
+            quantize(tiny_artifact.path, tmp_path / "r", Int4WeightOnlyConfig(), refuse)
+        assert not (tmp_path / "r").exists()
+    with pytest.raises(UserError, match="needs STS pairs"):
+        quantize(
+            tiny_artifact.path,
+            tmp_path / "x",
+            Int8DynamicConfig(),
+            QuantizeOptions(calibration=SMALL.calibration, max_drop=0.5, metric="spearman"),
+        )
+    with pytest.raises(UserError, match="Spearman points"):
+        QuantizeOptions(max_drop=120.0, metric="spearman")
 
 
 def test_smoothing_is_exact_in_float(tiny_artifact):
@@ -161,7 +278,9 @@ def test_budget_search_and_refusal(tiny_artifact, tmp_path):
 
 
 def test_bad_inputs(tiny_artifact, tmp_path):
-    with pytest.raises(TypeError, match="Int8DynamicConfig or Int4WeightOnlyConfig"):
+    with pytest.raises(
+        TypeError, match="Int8DynamicConfig, Int8StaticConfig, Int4WeightOnlyConfig"
+    ):
         quantize(tiny_artifact.path, tmp_path / "x", {"recipe": "int8"})
     with pytest.raises(ArtifactError, match="matches no linear layer"):
         quantize(tiny_artifact.path, tmp_path / "x", Int8DynamicConfig(exclude=("nope*",)), SMALL)

@@ -11,8 +11,10 @@ from echoembed.calibration.data import (
 )
 from echoembed.calibration.quantize import quantize
 from echoembed.calibration.recipes import (
+    Fp16Config,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
+    Int8StaticConfig,
     QuantizeOptions,
     recipe_from_name,
 )
@@ -21,8 +23,10 @@ __all__ = [
     "CalibrationConfig",
     "CalibrationSet",
     "FixedShapeReader",
+    "Fp16Config",
     "Int4WeightOnlyConfig",
     "Int8DynamicConfig",
+    "Int8StaticConfig",
     "QuantizeOptions",
     "load_calibration",
     "quantize",

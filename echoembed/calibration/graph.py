@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,35 +51,63 @@ def linear_nodes(model) -> dict[str, LinearNode]:
     return out
 
 
-def input_abs_max(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of intermediate ``tensors`` over the calibration batches (real tokens
-    only), by running the graph with those tensors added as outputs."""
+def probe(
+    model, tensors: list[str], reader, desc: str = "calibrating"
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run the graph over every calibration batch with intermediate ``tensors`` added as outputs;
+    yields ``{name: values of the real tokens, [tokens, channels]}`` per batch (with a progress
+    bar on a terminal)."""
     onnx = require("onnx", "export")
     import onnxruntime as ort
+    from tqdm.auto import tqdm
 
     if not tensors:
-        return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+        return
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    known = {o.name for o in probed.graph.output}
     for name in tensors:
-        probe.graph.output.append(
-            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        )
+        if name not in known:
+            probed.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
         onnx.save_model(
-            probe, str(path), save_as_external_data=probe.ByteSize() > EXTERNAL_DATA_BYTES
+            probed, str(path), save_as_external_data=probed.ByteSize() > EXTERNAL_DATA_BYTES
         )
+        del probed
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        result: dict[str, np.ndarray] = {}
         reader.rewind()
-        while (feed := reader.get_next()) is not None:
-            mask = feed["attention_mask"].astype(bool)
-            for name, value in zip(tensors, session.run(tensors, feed), strict=True):
-                amax = np.abs(value[mask]).max(axis=0)
-                result[name] = amax if name not in result else np.maximum(result[name], amax)
+        with tqdm(total=len(reader), desc=desc, unit="batch", disable=None, leave=False) as bar:
+            while (feed := reader.get_next()) is not None:
+                mask = feed["attention_mask"].astype(bool)
+                values = session.run(tensors, feed)
+                yield {name: v[mask] for name, v in zip(tensors, values, strict=True)}
+                bar.update(1)
         reader.rewind()
+
+
+def input_abs_max(model, tensors: list[str], reader) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of intermediate ``tensors`` over the calibration batches (real tokens
+    only)."""
+    result: dict[str, np.ndarray] = {}
+    for batch in probe(model, tensors, reader):
+        for name, value in batch.items():
+            amax = np.abs(value).max(axis=0)
+            result[name] = amax if name not in result else np.maximum(result[name], amax)
     return result
+
+
+def embedding_gathers(model) -> list[str]:
+    """Gather nodes that look up a 2-D float initializer (the token embedding table)."""
+    onnx = require("onnx", "export")
+    tables = {
+        i.name
+        for i in model.graph.initializer
+        if len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT
+    }
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
 
 
 def gemm_to_matmul(model) -> int:

@@ -1,10 +1,11 @@
 """``quantize(artifact, out_dir, config, options) -> Artifact``: one entry point, typed recipes.
 
 Stages: read and verify the fp32 parent; sample calibration and held-out texts; prepare the float
-graph (SmoothQuant for INT8); quantize with the excluded layers kept in float; measure mean/min
-cosine against the parent on held-out texts; with ``max_drop``, keep the most sensitive layers in
-float until the budget holds; write a complete artifact atomically (nothing is left at the target
-when the budget is missed, unless ``allow_over_budget``).
+graph (SmoothQuant for INT8) and what the recipe measures once (INT8 static: activation ranges,
+cached; GPTQ: Hessians); quantize with the excluded layers kept in float; measure mean/min cosine
+against the parent on held-out texts (and STS Spearman when asked); with ``max_drop``, keep the
+most sensitive layers in float until the budget holds; write a complete artifact atomically
+(nothing is left at the target when the budget is missed, unless ``allow_over_budget``).
 """
 
 from __future__ import annotations
@@ -24,20 +25,32 @@ from echoembed.calibration.data import CalibrationSet, FixedShapeReader, load_ca
 from echoembed.calibration.graph import (
     EXTERNAL_DATA_BYTES,
     LinearNode,
+    embedding_gathers,
     gemm_to_matmul,
     input_abs_max,
     linear_nodes,
 )
 from echoembed.calibration.recipes import (
+    RECIPE_TYPES,
+    Fp16Config,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
+    Int8StaticConfig,
     QuantizeOptions,
     RecipeConfig,
     settings_of,
 )
 from echoembed.calibration.smooth import mlp_pairs, norm_groups, smooth_mlp, smooth_norm_inputs
-from echoembed.echo import EchoEncoder, embed_texts
-from echoembed.errors import AccuracyBudgetError, ArtifactError, require
+from echoembed.calibration.static import (
+    CacheKey,
+    collect_ranges,
+    insert_qdq,
+    model_sha256,
+    read_cache,
+    write_cache,
+)
+from echoembed.echo import embed_texts
+from echoembed.errors import AccuracyBudgetError, ArtifactError, InputError, UserError, require
 from echoembed.runtime import Embedder, OrtRunner
 from echoembed.runtime.manifest import (
     MANIFEST_NAME,
@@ -52,6 +65,7 @@ from echoembed.runtime.manifest import (
     sha256_file,
     verify_files,
 )
+from echoembed.validation.sts import StsData, read_sts, sts_spearman
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,17 @@ class Attempt:
     excluded: tuple[str, ...]
     mean_cosine: float
     min_cosine: float
+    spearman: float | None = None  # x100 on the budget's STS pairs, when measured
+
+
+@dataclass
+class Prepared:
+    """What a recipe measures once and every attempt of the budget search reuses."""
+
+    float_path: Path
+    linear: dict[str, LinearNode]
+    ranges: dict[str, float] | None = None  # INT8 static: activation thresholds
+    gptq: object | None = None  # GPTQ: per-layer results, computed lazily and kept
 
 
 def _match(patterns: tuple[str, ...], linear: dict[str, LinearNode]) -> tuple[str, ...]:
@@ -88,71 +113,137 @@ def _save(model, path: Path) -> None:
     )
 
 
-def _apply(float_path: Path, config: RecipeConfig, excluded: tuple[str, ...], out: Path, linear):
-    """Quantize the float graph at ``float_path`` into ``out`` (model.onnx)."""
+def _apply(prep: Prepared, config: RecipeConfig, excluded: tuple[str, ...], out: Path) -> None:
+    """Quantize the float graph at ``prep.float_path`` into ``out`` (model.onnx)."""
     onnx = require("onnx", "export")
     for f in out.parent.glob(MODEL_FILE + "*"):
         f.unlink()
-    quantizable = [n for n in linear if n not in excluded]
+    quantizable = [n for n in prep.linear if n not in excluded]
+    if isinstance(config, Fp16Config):
+        _save(_to_fp16(onnx.load(str(prep.float_path)), config, excluded), out)
+        return
     if not quantizable:  # onnxruntime reads an empty node list as "quantize everything"
-        _save(onnx.load(str(float_path)), out)
+        _save(onnx.load(str(prep.float_path)), out)
         return
     if isinstance(config, Int8DynamicConfig):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(
-            str(float_path),
+            str(prep.float_path),
             str(out),
             per_channel=config.per_channel,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
             nodes_to_quantize=quantizable,
-            use_external_data_format=float_path.with_name(float_path.name + ".data").exists(),
+            use_external_data_format=prep.float_path.with_name(
+                prep.float_path.name + ".data"
+            ).exists(),
         )
+    elif isinstance(config, Int8StaticConfig):
+        model = onnx.load(str(prep.float_path))
+        insert_qdq(model, [prep.linear[n] for n in quantizable], prep.ranges, config.per_channel)
+        _save(model, out)
     else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            HQQWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
+        model = _int4(prep, config, quantizable, excluded)
+        if config.quantize_embedding:
+            model = _int4_embedding(model, config)
+        _save(model, out)
 
-        if config.algorithm == "hqq":
-            algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
-        else:
-            algo = DefaultWeightOnlyQuantConfig(
-                block_size=config.block_size,
-                is_symmetric=config.symmetric,
-                accuracy_level=config.accuracy_level,
-            )
-        q = MatMulNBitsQuantizer(
-            onnx.load(str(float_path)),
-            bits=4,
+
+def _int4(prep: Prepared, config: Int4WeightOnlyConfig, quantizable: list[str], excluded):
+    onnx = require("onnx", "export")
+    model = onnx.load(str(prep.float_path))
+    if config.algorithm == "gptq":
+        from echoembed.calibration.gptq import to_matmulnbits
+
+        for name in quantizable:
+            codes, scales, zeros = prep.gptq(name)
+            to_matmulnbits(
+                model, prep.linear[name], codes, scales, zeros, config.block_size,
+                config.accuracy_level,
+            )  # fmt: skip
+        return model
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if config.algorithm == "hqq":
+        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+    else:
+        algo = DefaultWeightOnlyQuantConfig(
             block_size=config.block_size,
             is_symmetric=config.symmetric,
             accuracy_level=config.accuracy_level,
-            nodes_to_include=quantizable,
-            nodes_to_exclude=list(excluded),
-            algo_config=algo,
         )
-        q.process()
-        _save(q.model.model, out)
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        accuracy_level=config.accuracy_level,
+        nodes_to_include=quantizable,
+        nodes_to_exclude=list(excluded),
+        algo_config=algo,
+    )
+    q.process()
+    return q.model.model
 
 
-def _accuracy(path: Path, encoder: EchoEncoder, texts: tuple[str, ...], want: np.ndarray):
-    got = embed_texts(OrtRunner(path, providers=["CPUExecutionProvider"]), encoder, texts)
-    cos = (got * want).sum(axis=1)
-    return float(cos.mean()), float(cos.min())
+def _int4_embedding(model, config: Int4WeightOnlyConfig):
+    """The token embedding table -> GatherBlockQuantized (4-bit, blocks along hidden)."""
+    gathers = embedding_gathers(model)
+    if not gathers:
+        log.info("no embedding table Gather found; left in float")
+        return model
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    axes = (("Gather", 1),)
+    algo = DefaultWeightOnlyQuantConfig(
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        op_types_to_quantize=("Gather",),
+        quant_axes=axes,
+    )
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        nodes_to_include=gathers,
+        op_types_to_quantize=("Gather",),
+        quant_axes=axes,
+        algo_config=algo,
+    )
+    q.process()
+    return q.model.model
+
+
+def _to_fp16(model, config: Fp16Config, excluded: tuple[str, ...]):
+    """fp16 weights and compute (onnxruntime's converter), fp32 graph inputs and outputs."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    return convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(config.fp32_ops),
+        node_block_list=list(excluded),
+    )
 
 
 def sensitivity(model, config: RecipeConfig, linear: dict[str, LinearNode], reader) -> list[str]:
     """Linear nodes ordered from most to least sensitive (a cheap proxy, no re-quantization).
 
-    INT8 dynamic: activation outliers of the node's input (max/median of per-channel |x| max).
+    INT8 and fp16: activation outliers of the node's input (max/median of per-channel |x| max).
     4-bit weight-only: relative error of 4-bit round-to-nearest on the node's weight blocks.
     """
     from onnx import numpy_helper
 
-    if isinstance(config, Int8DynamicConfig):
+    if isinstance(config, (Int8DynamicConfig, Int8StaticConfig, Fp16Config)):
         inputs = sorted({ln.input for ln in linear.values()})
         amax = input_abs_max(model, inputs, reader)
         score = {
@@ -180,6 +271,117 @@ def _rtn4_error(w: np.ndarray, block: int) -> float:
     return float(np.linalg.norm(q - b) / max(np.linalg.norm(b), 1e-12))
 
 
+class Evaluator:
+    """Accuracy of a candidate graph vs the fp32 parent: mean/min cosine on held-out texts, and
+    STS Spearman (x100) on the budget's pairs when those are given."""
+
+    def __init__(self, parent: Embedder, texts: tuple[str, ...], sts: StsData | None):
+        self.encoder = parent.encoder()
+        self.texts = texts
+        self.want = parent.encode(list(texts), show_progress=False)
+        self.sts = sts
+        self.parent_spearman = None if sts is None else self._spearman(parent.runner)
+
+    def _spearman(self, runner) -> float:
+        return sts_spearman(self.sts, lambda s: embed_texts(runner, self.encoder, s))
+
+    def __call__(self, path: Path, excluded: tuple[str, ...]) -> Attempt:
+        runner = OrtRunner(path, providers=["CPUExecutionProvider"])
+        got = embed_texts(runner, self.encoder, self.texts)
+        cos = (got * self.want).sum(axis=1)
+        rho = None if self.sts is None else self._spearman(runner)
+        return Attempt(excluded, float(cos.mean()), float(cos.min()), rho)
+
+    def drop(self, a: Attempt, metric: str) -> float:
+        if metric == "spearman":
+            return self.parent_spearman - a.spearman
+        return 1.0 - a.mean_cosine
+
+
+def _budget_sts(options: QuantizeOptions) -> StsData | None:
+    """The STS pairs the Spearman budget is measured on (None for a cosine budget)."""
+    path = options.sts
+    if options.metric != "spearman" and path is None:
+        return None
+    if path is None and options.calibration.path is not None:
+        path = options.calibration.path if str(options.calibration.path).endswith(".tsv") else None
+    if path is None:
+        raise UserError(
+            "a Spearman budget needs STS pairs: pass --sts PATH (e.g. ../shared/data/stsb/dev.tsv)"
+        )
+    try:
+        return read_sts(path, limit=options.sts_limit)
+    except InputError as e:
+        raise UserError(f"{e}; the Spearman budget needs an STS TSV (--sts)") from e
+
+
+def _prepare(model, config, linear, reader, encoder, cal, options, work: Path, progress):
+    """Smooth (INT8), save the float graph, and measure what the recipe needs once."""
+    smoothed: list[str] = []
+    alpha = getattr(config, "smooth_alpha", None)
+    if alpha is not None:
+        downs = [d.input for _, d in mlp_pairs(model, linear)]
+        groups = [lns[0].input for _, lns in norm_groups(model, linear)]
+        if downs or groups:
+            progress(
+                f"SmoothQuant (alpha {alpha}): {len(downs)} MLP down projections, "
+                f"{len(groups)} norm-fed groups ..."
+            )
+            amax = input_abs_max(model, downs + groups, reader)
+            smoothed = smooth_mlp(model, amax, alpha)
+            smoothed += smooth_norm_inputs(model, linear, amax, alpha)
+    prep = Prepared(work / "float.onnx", linear)
+    _save(model, prep.float_path)
+    if isinstance(config, Int8StaticConfig):
+        prep.ranges = _static_ranges(model, config, linear, reader, encoder, cal, options, progress)
+    elif isinstance(config, Int4WeightOnlyConfig) and config.algorithm == "gptq":
+        from onnx import numpy_helper
+
+        from echoembed.calibration.gptq import collect_hessians, gptq_weight
+
+        progress(f"GPTQ: Hessians of {len({ln.input for ln in linear.values()})} inputs ...")
+        hessians = collect_hessians(model, sorted({ln.input for ln in linear.values()}), reader)
+        inits = {i.name: i for i in model.graph.initializer}
+        done: dict[str, tuple] = {}
+
+        def solve(name: str):
+            if name not in done:
+                ln = linear[name]
+                w = numpy_helper.to_array(inits[ln.weight]).astype(np.float32)
+                done[name] = gptq_weight(
+                    w, hessians[ln.input], config.block_size, config.symmetric, config.gptq_damp
+                )
+                if len(done) % 30 == 0:
+                    progress(f"  GPTQ: {len(done)}/{len(linear)} layers")
+            return done[name]
+
+        prep.gptq = solve
+    return prep, smoothed
+
+
+def _static_ranges(model, config, linear, reader, encoder, cal, options, progress):
+    tensors = sorted({ln.input for ln in linear.values()})
+    key = CacheKey(
+        model_sha256(model),
+        encoder.config.template.source,
+        cal.sha256,
+        config.method,
+        config.percentile if config.method == "percentile" else 0.0,
+    )
+    cache = Path(options.calibration_cache) if options.calibration_cache else None
+    if cache is not None:
+        ranges = read_cache(cache, key)
+        if ranges is not None and set(tensors) <= set(ranges):
+            progress(f"activation ranges from the cache {cache}")
+            return ranges
+    progress(f"calibrating {len(tensors)} activation ranges ({config.method}) ...")
+    ranges = collect_ranges(model, tensors, reader, config.method, config.percentile, progress)
+    if cache is not None:
+        write_cache(cache, key, ranges)
+        progress(f"wrote the calibration cache {cache}")
+    return ranges
+
+
 def quantize(
     artifact_dir: str | Path,
     out_dir: str | Path,
@@ -188,9 +390,11 @@ def quantize(
     progress: Callable[[str], None] = lambda s: None,
 ) -> Artifact:
     """Quantize the fp32 artifact at ``artifact_dir`` into a new artifact at ``out_dir``."""
-    if not isinstance(config, (Int8DynamicConfig, Int4WeightOnlyConfig)):
+    if not isinstance(config, RECIPE_TYPES):
         raise TypeError(
-            f"config must be Int8DynamicConfig or Int4WeightOnlyConfig, got {type(config).__name__}"
+            "config must be one of "
+            + ", ".join(t.__name__ for t in RECIPE_TYPES)
+            + f"; got {type(config).__name__}"
         )
     options = options or QuantizeOptions()
     onnx = require("onnx", "export")
@@ -203,14 +407,15 @@ def quantize(
             "`echoembed export`"
         )
     check_target(out, options.force)
+    sts = _budget_sts(options)
     runtime = Embedder.load(parent_dir, verify=False)
     encoder = runtime.encoder()
     cal: CalibrationSet = load_calibration(options.calibration)
     progress(
         f"{config.recipe}: {len(cal.calibration)} calibration + {len(cal.evaluation)} held-out "
-        f"texts from {cal.source}"
+        f"texts from {cal.source}" + (f"; STS budget on {len(sts)} pairs" if sts else "")
     )
-    want = runtime.encode(list(cal.evaluation), show_progress=False)
+    evaluate = Evaluator(runtime, cal.evaluation, sts)
     reader = FixedShapeReader(encoder, cal.calibration, options.calibration.batch_size)
     model = onnx.load(str(parent_dir / parent.model_file))
     gemm_to_matmul(model)
@@ -220,49 +425,45 @@ def quantize(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
-        smoothed: list[str] = []
-        if isinstance(config, Int8DynamicConfig) and config.smooth_alpha is not None:
-            downs = [d.input for _, d in mlp_pairs(model, linear)]
-            groups = [lns[0].input for _, lns in norm_groups(model, linear)]
-            if downs or groups:
-                progress(
-                    f"SmoothQuant (alpha {config.smooth_alpha}): {len(downs)} MLP down "
-                    f"projections, {len(groups)} norm-fed groups ..."
-                )
-                amax = input_abs_max(model, downs + groups, reader)
-                smoothed = smooth_mlp(model, amax, config.smooth_alpha)
-                smoothed += smooth_norm_inputs(model, linear, amax, config.smooth_alpha)
-        float_path = work / "float.onnx"
-        _save(model, float_path)
+        prep, smoothed = _prepare(
+            model, config, linear, reader, encoder, cal, options, work, progress
+        )
         model_path = tmp / MODEL_FILE
-
         tried: list[Attempt] = []
+        metric = options.metric
 
         def attempt(excl: tuple[str, ...]) -> Attempt:
-            _apply(float_path, config, excl, model_path, linear)
-            mean, worst = _accuracy(model_path, encoder, cal.evaluation, want)
-            progress(f"  {len(excl)} layers kept in float: mean cosine {mean:.5f}, min {worst:.5f}")
-            tried.append(Attempt(excl, mean, worst))
-            return tried[-1]
+            _apply(prep, config, excl, model_path)
+            a = evaluate(model_path, excl)
+            rho = "" if a.spearman is None else f", STS Spearman {a.spearman:.2f}"
+            progress(
+                f"  {len(excl)} layers kept in float: mean cosine {a.mean_cosine:.5f}, "
+                f"min {a.min_cosine:.5f}{rho}"
+            )
+            tried.append(a)
+            return a
 
         progress("quantizing ...")
         best = attempt(excluded)
         budget = options.max_drop
-        if budget is not None and 1.0 - best.mean_cosine > budget:
+        if budget is not None and evaluate.drop(best, metric) > budget:
             limit = int(options.max_float_fraction * len(linear)) - len(excluded)
+            order = sensitivity(model, config, linear, reader)
             best = _search(
-                model, config, linear, reader, excluded, budget, limit, attempt, progress
-            )
+                order, excluded, lambda a: evaluate.drop(a, metric) <= budget, limit, attempt,
+                progress,
+            )  # fmt: skip
             if tried[-1].excluded != best.excluded:  # the file on disk must be `best`
                 attempt(best.excluded)
-        within = budget is None or 1.0 - best.mean_cosine <= budget
+        within = budget is None or evaluate.drop(best, metric) <= budget
         if not within and not options.allow_over_budget:
+            unit = "mean cosine" if metric == "cosine" else "STS Spearman points"
             raise AccuracyBudgetError(
-                f"{config.recipe} misses the budget: mean cosine {best.mean_cosine:.5f} vs fp32 "
-                f"(drop {1 - best.mean_cosine:.5f} > max_drop {budget}) even with "
-                f"{len(best.excluded)} of {len(linear)} layers kept in float (at most "
-                f"{options.max_float_fraction:.0%}); no artifact was written. Raise --max-drop, "
-                "choose another recipe, or pass --allow-over-budget"
+                f"{config.recipe} misses the budget: drop of {evaluate.drop(best, metric):.5f} "
+                f"{unit} vs fp32 > max_drop {budget}, even with {len(best.excluded)} of "
+                f"{len(linear)} layers kept in float (at most {options.max_float_fraction:.0%}); "
+                "no artifact was written. Raise --max-drop, choose another recipe, or pass "
+                "--allow-over-budget"
             )
         shutil.copy2(parent_dir / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
         info = QuantizationInfo(
@@ -279,6 +480,11 @@ def quantize(
             min_cosine=best.min_cosine,
             max_drop=budget,
             within_budget=within,
+            metric=metric,
+            sts_source=None if sts is None else str(options.sts or options.calibration.path),
+            sts_pairs=0 if sts is None else len(sts),
+            sts_spearman=best.spearman,
+            parent_sts_spearman=evaluate.parent_spearman,
         )
         manifest = dataclasses.replace(
             parent,
@@ -299,12 +505,11 @@ def quantize(
     return Artifact(out, manifest)
 
 
-def _search(model, config, linear, reader, excluded, budget, limit, attempt, progress) -> Attempt:
+def _search(order, excluded, ok, limit, attempt, progress) -> Attempt:
     """Keep the top-k most sensitive layers in float, k = 1, 2, 4, ... (at most ``limit``); then
     bisect for the smallest k within budget. Returns the last attempt if none fits."""
-    progress(f"mean cosine drop over budget {budget}: searching layers to keep in float ...")
-    order = [n for n in sensitivity(model, config, linear, reader) if n not in excluded]
-    order = order[: max(limit, 0)]
+    progress("over budget: searching the layers to keep in float ...")
+    order = [n for n in order if n not in excluded][: max(limit, 0)]
     if not order:
         return attempt(tuple(excluded))
 
@@ -314,7 +519,7 @@ def _search(model, config, linear, reader, excluded, budget, limit, attempt, pro
     lo, hi, found, k = 0, 0, None, 1
     while found is None:
         a = run(min(k, len(order)))
-        if 1.0 - a.mean_cosine <= budget:
+        if ok(a):
             hi, found = min(k, len(order)), a
         elif k >= len(order):
             return a  # even all layers in float (of the ordered ones) misses the budget
@@ -323,7 +528,7 @@ def _search(model, config, linear, reader, excluded, budget, limit, attempt, pro
     while hi - lo > 1:
         mid = (lo + hi) // 2
         a = run(mid)
-        if 1.0 - a.mean_cosine <= budget:
+        if ok(a):
             hi, found = mid, a
         else:
             lo = mid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -69,29 +70,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from echoembed.calibration import (
-        CalibrationConfig,
-        Int4WeightOnlyConfig,
-        QuantizeOptions,
-        quantize,
-        recipe_from_name,
-    )
+    from echoembed.calibration import CalibrationConfig, QuantizeOptions, quantize, recipe_from_name
     from echoembed.runtime.manifest import describe
 
-    config = recipe_from_name(args.recipe)
-    changes: dict = {"exclude": tuple(args.exclude)}
-    if isinstance(config, Int4WeightOnlyConfig):
-        changes["block_size"] = args.block_size
-    elif args.no_smooth:
-        changes["smooth_alpha"] = None
-    elif args.smooth_alpha is not None:
-        changes["smooth_alpha"] = args.smooth_alpha
-    config = dataclasses.replace(config, **changes)
+    config = recipe_from_name(
+        args.recipe,
+        exclude=tuple(args.exclude) or None,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
+        quantize_embedding=False if args.float_embedding else None,
+        method=args.method,
+        percentile=args.percentile,
+        smooth_alpha=args.smooth_alpha,
+    )
+    if args.no_smooth:
+        if not hasattr(config, "smooth_alpha"):
+            raise UserError(f"--no-smooth applies to the INT8 recipes, not {args.recipe}")
+        config = dataclasses.replace(config, smooth_alpha=None)
     options = QuantizeOptions(
         calibration=CalibrationConfig(path=args.calibration, samples=args.samples, seed=args.seed),
         max_drop=args.max_drop,
+        metric=args.metric,
+        sts=args.sts,
+        sts_limit=args.sts_limit,
+        calibration_cache=args.calibration_cache,
         allow_over_budget=args.allow_over_budget,
         force=args.force,
     )
@@ -193,10 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quantize", help="quantize an fp32 artifact (INT8, 4-bit) into a new one")
+    p = sub.add_parser(
+        "quantize", help="quantize an fp32 artifact (INT8, 4-bit, fp16) into a new one"
+    )
     p.add_argument("artifact", help="fp32 artifact directory (from `echoembed export`)")
     p.add_argument("out", help="artifact directory to create")
-    p.add_argument("--recipe", required=True, choices=["int8-dynamic", "int4-rtn", "int4-hqq"])
+    p.add_argument(
+        "--recipe",
+        required=True,
+        choices=["int8-dynamic", "int8-static", "int4-rtn", "int4-hqq", "int4-gptq", "fp16"],
+    )
     p.add_argument(
         "--calibration",
         default=None,
@@ -206,15 +214,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, help="calibration texts (as many held out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--calibration-cache", default=None, help="int8-static: JSON file caching the ranges"
+    )
+    budget = p.add_argument_group("accuracy budget")
+    budget.add_argument(
         "--max-drop",
         type=float,
         default=None,
-        help="accuracy budget: allowed drop of mean cosine vs fp32 (e.g. 0.005); the most "
-        "sensitive layers are kept in float until it holds",
+        help="allowed drop vs fp32: mean cosine (e.g. 0.005) or, with --metric spearman, STS "
+        "Spearman points (e.g. 0.5); the most sensitive layers are kept in float until it holds",
     )
-    p.add_argument("--allow-over-budget", action="store_true", help="write it even if over")
+    budget.add_argument("--metric", choices=["cosine", "spearman"], default="cosine")
+    budget.add_argument(
+        "--sts", default=None, help="STS TSV for the Spearman budget (default: --calibration)"
+    )
+    budget.add_argument("--sts-limit", type=int, default=500, help="STS pairs used (first N)")
+    budget.add_argument("--allow-over-budget", action="store_true", help="write it even if over")
     p.add_argument("--exclude", nargs="*", default=[], help="layers to keep in float (globs)")
-    p.add_argument("--block-size", type=int, default=32, help="4-bit block size")
+    p.add_argument("--block-size", type=int, default=None, help="4-bit block size (32)")
+    p.add_argument("--accuracy-level", type=int, default=None, help="4-bit MatMulNBits (4)")
+    p.add_argument(
+        "--float-embedding", action="store_true", help="4-bit: keep the embedding table float"
+    )
+    p.add_argument(
+        "--method", choices=["minmax", "percentile", "entropy"], default=None,
+        help="int8-static calibrator (minmax)",
+    )  # fmt: skip
+    p.add_argument("--percentile", type=float, default=None, help="int8-static percentile")
     p.add_argument("--smooth-alpha", type=float, default=None, help="INT8 SmoothQuant alpha")
     p.add_argument("--no-smooth", action="store_true", help="INT8 without SmoothQuant")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")

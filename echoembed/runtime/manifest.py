@@ -77,8 +77,13 @@ class QuantizationInfo:
     eval_texts: int
     mean_cosine: float  # vs the fp32 parent on held-out texts
     min_cosine: float
-    max_drop: float | None  # the accuracy budget (mean cosine drop), if any
+    max_drop: float | None  # the accuracy budget, in units of `metric`, if any
     within_budget: bool
+    metric: str = "cosine"  # what max_drop limits: mean cosine drop or STS Spearman points
+    sts_source: str | None = None  # STS file the Spearman figures were measured on
+    sts_pairs: int = 0
+    sts_spearman: float | None = None  # x100, this artifact
+    parent_sts_spearman: float | None = None  # x100, the fp32 parent, same pairs
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,16 @@ def describe(manifest: Manifest) -> str:
             f"in float, {len(q.smoothed)} smoothed; calibration {q.calibration_texts} texts from "
             f"{q.calibration_source}"
         )
+        if q.sts_spearman is not None:
+            lines.append(
+                f"sts spearman     {q.sts_spearman:.2f} vs fp32 {q.parent_sts_spearman:.2f} on "
+                f"{q.sts_pairs} pairs of {q.sts_source}"
+            )
+        if q.max_drop is not None:
+            lines.append(
+                f"budget           max drop {q.max_drop:g} ({q.metric}): "
+                + ("within" if q.within_budget else "MISSED (written with --allow-over-budget)")
+            )
     lines.append(f"created          {m.created}")
     return "\n".join(lines)
 

@@ -1,0 +1,222 @@
+"""INT8 static QDQ: activation ranges from calibration data, symmetric int8 Q/DQ pairs.
+
+Ranges are measured on the real tokens of fixed-shape calibration batches (padding never counts),
+with one of three calibrators:
+
+- ``minmax``: the largest |x| seen;
+- ``percentile``: the given percentile of |x| (from a 2,048-bin histogram);
+- ``entropy``: the clipping threshold whose 128-level quantized distribution is closest (KL
+  divergence) to the histogram of |x|, as in TensorRT's entropy calibrator.
+
+Activations and weights are symmetric int8 (zero point 0), so the same QDQ graph serves ONNX
+Runtime (which fuses ``DQ -> MatMul <- DQ``) and TensorRT (explicit quantization). Ranges are
+cached in a JSON file written atomically with the float graph's checksum, the template, the
+calibration texts' sha256 and the calibrator settings: a cache whose fields differ is stale and
+is recomputed, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from echoembed.calibration.graph import LinearNode, probe
+from echoembed.errors import InputError, require
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+BINS = 2048
+QUANT_LEVELS = 128  # symmetric int8: |q| in 0..127
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a set of ranges depends on; any difference makes a cache stale."""
+
+    model_sha256: str  # of the serialized float graph the ranges were measured on
+    template: str
+    calibration_sha256: str
+    method: str
+    percentile: float
+
+
+def model_sha256(model) -> str:
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def read_cache(path: Path, key: CacheKey) -> dict[str, float] | None:
+    """The cached ranges, or None (with a log line saying why) when absent or stale."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        stored = data["key"]
+        ranges = {str(k): float(v) for k, v in data["ranges"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("calibration cache %s is unreadable (%s); recomputing", path, e)
+        return None
+    if data.get("version") != CACHE_VERSION:
+        log.warning("calibration cache %s has another version; recomputing", path)
+        return None
+    diff = [f for f, v in asdict(key).items() if stored.get(f) != v]
+    if diff:
+        log.warning("calibration cache %s is stale (%s differ); recomputing", path, ", ".join(diff))
+        return None
+    return ranges
+
+
+def write_cache(path: Path, key: CacheKey, ranges: dict[str, float]) -> None:
+    """Write atomically: a temp file in the same directory, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"version": CACHE_VERSION, "key": asdict(key), "ranges": ranges}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _entropy_threshold(hist: np.ndarray, width: float) -> float:
+    """KL-optimal clipping threshold of a histogram of |x| (bins of ``width`` from 0)."""
+    hist = hist.astype(np.float64)
+    best, best_kl = len(hist), np.inf
+    for i in range(QUANT_LEVELS, len(hist) + 1, 8):
+        ref = hist[:i].copy()
+        ref[-1] += hist[i:].sum()
+        if ref.sum() == 0:
+            continue
+        # quantize the first i bins into QUANT_LEVELS levels, spread back over non-empty bins
+        edges = np.linspace(0, i, QUANT_LEVELS + 1).astype(int)
+        q = np.zeros(i)
+        src = hist[:i]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            if b <= a:
+                continue
+            nonzero = src[a:b] > 0
+            n = nonzero.sum()
+            if n:
+                q[a:b][nonzero] = src[a:b].sum() / n
+        p = ref / ref.sum()
+        qs = q.sum()
+        if qs == 0:
+            continue
+        q = q / qs
+        m = p > 0
+        kl = float(np.sum(p[m] * np.log(p[m] / np.maximum(q[m], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return (best + 0.5) * width
+
+
+def collect_ranges(
+    model,
+    tensors: list[str],
+    reader,
+    method: str,
+    percentile: float = 99.99,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict[str, float]:
+    """Symmetric clipping threshold (>= 0) of each tensor over the real calibration tokens."""
+    if method not in ("minmax", "percentile", "entropy"):
+        raise InputError(f"unknown calibration method {method!r}; use minmax, percentile, entropy")
+    amax: dict[str, float] = {}
+    for batch in probe(model, tensors, reader):
+        for name, value in batch.items():
+            amax[name] = max(amax.get(name, 0.0), float(np.abs(value).max(initial=0.0)))
+    if method == "minmax":
+        return amax
+    progress(f"  {method}: histograms of {len(tensors)} tensors ...")
+    hists = {n: np.zeros(BINS, dtype=np.int64) for n in tensors}
+    for batch in probe(model, tensors, reader):
+        for name, value in batch.items():
+            top = max(amax[name], 1e-12)
+            h, _ = np.histogram(np.abs(value), bins=BINS, range=(0.0, top))
+            hists[name] += h
+    out = {}
+    for name, hist in hists.items():
+        width = max(amax[name], 1e-12) / BINS
+        if method == "percentile":
+            cdf = np.cumsum(hist) / max(hist.sum(), 1)
+            idx = int(np.searchsorted(cdf, percentile / 100.0))
+            out[name] = min((idx + 1) * width, amax[name])
+        else:
+            out[name] = min(_entropy_threshold(hist, width), amax[name])
+    return out
+
+
+def insert_qdq(
+    model, nodes: list[LinearNode], ranges: dict[str, float], per_channel: bool
+) -> None:
+    """Rewrite each linear MatMul to ``DQ(Q(x)) @ DQ(W_int8)`` in place (symmetric int8)."""
+    require("onnx", "export")
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_inits, qdq_of = [], {}
+    before: dict[str, list] = {}  # node name -> nodes to insert before it
+    for ln in nodes:
+        x = ln.input
+        if x not in qdq_of:
+            thr = max(ranges[x], 1e-8)
+            s, z = f"{x}/act_scale", f"{x}/act_zero"
+            new_inits += [
+                numpy_helper.from_array(np.array(thr / 127.0, dtype=np.float32), s),
+                numpy_helper.from_array(np.array(0, dtype=np.int8), z),
+            ]
+            qdq_of[x] = f"{x}/dq"
+            before.setdefault(ln.name, []).extend(
+                [
+                    helper.make_node("QuantizeLinear", [x, s, z], [f"{x}/q"], name=f"{x}/Q"),
+                    helper.make_node(
+                        "DequantizeLinear", [f"{x}/q", s, z], [qdq_of[x]], name=f"{x}/DQ"
+                    ),
+                ]
+            )
+        w = numpy_helper.to_array(inits[ln.weight]).astype(np.float32)  # [K, N]
+        wmax = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
+        ws = (np.maximum(wmax, 1e-12) / 127.0).astype(np.float32)
+        wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
+        base = ln.module
+        zeros = np.zeros(ws.shape, dtype=np.int8)
+        new_inits += [
+            numpy_helper.from_array(wq, f"{base}.weight_int8"),
+            numpy_helper.from_array(ws, f"{base}.weight_scale"),
+            numpy_helper.from_array(zeros, f"{base}.weight_zero"),
+        ]
+        attrs = {"axis": 1} if per_channel else {}
+        before.setdefault(ln.name, []).append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{base}.weight_int8", f"{base}.weight_scale", f"{base}.weight_zero"],
+                [f"{base}.weight_dq"],
+                name=f"{base}/weight_DQ",
+                **attrs,
+            )
+        )
+    by_name = {ln.name: ln for ln in nodes}
+    out_nodes = []
+    for node in model.graph.node:
+        out_nodes += before.get(node.name, [])
+        if node.name in by_name:
+            ln = by_name[node.name]
+            node.input[0] = qdq_of[ln.input]
+            node.input[1] = f"{ln.module}.weight_dq"
+        out_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(out_nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
