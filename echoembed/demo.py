@@ -5,6 +5,8 @@ same model exported to an ONNX artifact and run by the torch-free runtime.
    pairs) with the ``echo`` and ``classical`` presets (and STS Spearman with ``--sts``).
 2. Exports the model to an artifact (reused when it verifies and matches), embeds the same
    sentences with the runtime, and reports parity and the runtime/reference speed ratio.
+3. Quantizes that artifact to INT8 and 4-bit (reused when their parent and settings match) and
+   prints their size, accuracy and speed beside fp32, measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ class DemoConfig:
     threads: int | None = None
     artifact: str | os.PathLike[str] | None = "artifacts/smollm2-echo"  # None: skip the runtime
     speed_repeats: int = 3
+    quantize: tuple[str, ...] = ("int8-dynamic", "int4-hqq")  # recipes next to the artifact
+    calibration: str | os.PathLike[str] | None = None  # None: texts shipped with echoembed
+
+
+@dataclass
+class VariantCheck:
+    """One artifact (fp32 or quantized) against the PyTorch fp32 reference on the demo texts."""
+
+    name: str
+    path: str
+    reused: bool
+    file_mb: float
+    mean_cosine: float
+    min_cosine: float
+    texts_per_s: float
 
 
 @dataclass
@@ -54,6 +71,7 @@ class RuntimeCheck:
     texts: int
     reference_texts_per_s: float
     runtime_texts_per_s: float
+    variants: list[VariantCheck] = field(default_factory=list)
 
     @property
     def speed_ratio(self) -> float:
@@ -130,28 +148,56 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda s: Non
     return result
 
 
+def _file_mb(path) -> float:
+    from pathlib import Path
+
+    model = Path(path) / "model.onnx"
+    data = model.with_name("model.onnx.data")
+    return (model.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
 def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> RuntimeCheck:
-    """Export (or reuse) the artifact, then compare the runtime with the reference."""
+    """Export (or reuse) the artifact and its quantized variants, then compare each with the
+    reference: cosine on the demo texts and throughput, side by side in one run."""
+    from echoembed.calibration import CalibrationConfig, QuantizeOptions, recipe_from_name
+    from echoembed.calibration.quantize import quantize_or_reuse
     from echoembed.exporter import ExportConfig, export_or_reuse
     from echoembed.runtime import Embedder
     from echoembed.validation.timing import compare_throughput
 
     export_config = ExportConfig(template="echo", pooling=config.pooling, threads=config.threads)
     artifact, reused = export_or_reuse(ref.loaded, config.artifact, export_config, progress)
-    runtime = Embedder.load(artifact.path, threads=config.threads)
+    built = [("onnx fp32", artifact, reused)]
+    options = QuantizeOptions(calibration=CalibrationConfig(path=config.calibration))
+    for recipe in config.quantize:
+        target = artifact.path.with_name(f"{artifact.path.name.split('-')[0]}-{recipe}")
+        progress(f"quantizing to {recipe} ({target}) ...")
+        q, q_reused = quantize_or_reuse(
+            artifact.path, target, recipe_from_name(recipe), options, progress
+        )
+        built.append((f"onnx {recipe}", q, q_reused))
     texts = list(dict.fromkeys([p.sentence1 for p in pairs] + [p.sentence2 for p in pairs]))
     bs = config.batch_size
     want = ref.encode(texts, "echo", pooling=config.pooling, batch_size=bs)
-    got = runtime.encode(texts, batch_size=bs)
-    progress(f"timing runtime vs reference on {len(texts)} texts, batch {bs} ...")
-    speed = compare_throughput(
-        {
-            "reference": lambda t: ref.encode(t, "echo", pooling=config.pooling, batch_size=bs),
-            "runtime": lambda t: runtime.encode(t, batch_size=bs),
-        },
-        texts,
-        repeats=config.speed_repeats,
-    )
+    runners = {name: Embedder.load(a.path, threads=config.threads) for name, a, _ in built}
+    runs: dict[str, Callable] = {
+        "reference": lambda t: ref.encode(t, "echo", pooling=config.pooling, batch_size=bs)
+    }
+    for name, emb in runners.items():
+        runs[name] = lambda t, emb=emb: emb.encode(t, batch_size=bs)
+    progress(f"timing {len(runs)} variants on {len(texts)} texts, batch {bs} ...")
+    speed = compare_throughput(runs, texts, repeats=config.speed_repeats)
+    variants = []
+    for name, a, was_reused in built:
+        got = runners[name].encode(texts, batch_size=bs)
+        cos = (got * want).sum(axis=1)
+        variants.append(
+            VariantCheck(
+                name, str(a.path), was_reused, _file_mb(a.path), float(cos.mean()),
+                float(cos.min()), speed[name].texts_per_second,
+            )  # fmt: skip
+        )
+    got = runners["onnx fp32"].encode(texts, batch_size=bs)
     return RuntimeCheck(
         artifact=str(artifact.path),
         reused=reused,
@@ -160,7 +206,8 @@ def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> R
         batch_size=bs,
         texts=len(texts),
         reference_texts_per_s=speed["reference"].texts_per_second,
-        runtime_texts_per_s=speed["runtime"].texts_per_second,
+        runtime_texts_per_s=speed["onnx fp32"].texts_per_second,
+        variants=variants,
     )
 
 
@@ -215,4 +262,19 @@ def format_demo(result: DemoResult) -> str:
             f"runtime {rt.runtime_texts_per_s:.1f} texts/s, ratio {rt.speed_ratio:.2f}x "
             "(median of interleaved runs, one process)",
         ]
+        if len(rt.variants) > 1:
+            fp32_mb = rt.variants[0].file_mb
+            lines += [
+                "",
+                "  artifacts vs the PyTorch fp32 reference (same texts, same run):",
+                f"  {'variant':<20} {'file MB':>8} {'size':>6} {'mean cos':>9} {'min cos':>9} "
+                f"{'texts/s':>8} {'vs PyTorch':>10}",
+            ]
+            for v in rt.variants:
+                lines.append(
+                    f"  {v.name:<20} {v.file_mb:8.1f} {v.file_mb / fp32_mb:5.2f}x "
+                    f"{v.mean_cosine:9.5f} {v.min_cosine:9.5f} {v.texts_per_s:8.1f} "
+                    f"{v.texts_per_s / rt.reference_texts_per_s:9.2f}x"
+                    + ("  (reused)" if v.reused else "")
+                )
     return "\n".join(lines)

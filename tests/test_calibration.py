@@ -330,3 +330,33 @@ def test_real_model_int8_and_int4(smollm2_artifact, tmp_path):
         assert float((got * want).sum(axis=1).mean()) >= floor
         size = (art.path / "model.onnx").stat().st_size
         assert size < 0.6 * smollm2_artifact.model_path.stat().st_size
+
+
+def test_quantize_or_reuse(tiny_artifact, tmp_path):
+    from echoembed.calibration.quantize import quantize_or_reuse
+
+    cfg = Int4WeightOnlyConfig(algorithm="rtn")
+    first, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "q", cfg, SMALL)
+    assert not reused
+    again, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "q", cfg, SMALL)
+    assert reused and again.manifest == first.manifest
+    other = Int4WeightOnlyConfig(algorithm="rtn", block_size=16)
+    changed, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "q", other, SMALL)
+    assert not reused and changed.manifest.quantization.settings["block_size"] == 16
+    (tmp_path / "q" / "model.onnx").write_bytes(b"damaged")
+    fixed, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "q", other, SMALL)
+    assert not reused and Embedder.load(fixed.path).encode(["ok"]).shape == (1, 32)
+
+
+def test_fp16_recipe(tiny_artifact, tmp_path):
+    import onnx
+
+    from echoembed.calibration import Fp16Config
+
+    art = quantize(tiny_artifact.path, tmp_path / "h", Fp16Config(), SMALL)
+    model = onnx.load(str(art.model_path))
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) >= 15  # 14 projections and the embedding table
+    assert [i.type.tensor_type.elem_type for i in model.graph.output] == [onnx.TensorProto.FLOAT]
+    q = art.manifest.quantization
+    assert q.recipe == "fp16" and art.manifest.precision == "fp16" and q.mean_cosine > 0.999

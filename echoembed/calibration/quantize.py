@@ -224,15 +224,10 @@ def _int4_embedding(model, config: Int4WeightOnlyConfig):
 
 
 def _to_fp16(model, config: Fp16Config, excluded: tuple[str, ...]):
-    """fp16 weights and compute (onnxruntime's converter), fp32 graph inputs and outputs."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    """fp16 weights and compute, fp32 graph inputs/outputs and ``config.fp32_ops``."""
+    from echoembed.calibration.fp16 import to_fp16
 
-    return convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(config.fp32_ops),
-        node_block_list=list(excluded),
-    )
+    return to_fp16(model, config.fp32_ops, excluded)
 
 
 def sensitivity(model, config: RecipeConfig, linear: dict[str, LinearNode], reader) -> list[str]:
@@ -503,6 +498,40 @@ def quantize(
         shutil.rmtree(work, ignore_errors=True)
     progress(f"wrote {out}")
     return Artifact(out, manifest)
+
+
+def quantize_or_reuse(
+    artifact_dir: str | Path,
+    out_dir: str | Path,
+    config: RecipeConfig,
+    options: QuantizeOptions | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> tuple[Artifact, bool]:
+    """Reuse ``out_dir`` when it verifies and was made from this parent with this recipe and
+    settings; otherwise quantize (replacing it). Returns (artifact, reused)."""
+    options = options or QuantizeOptions()
+    parent = read_manifest(artifact_dir)
+    out = Path(out_dir)
+    if (out / MANIFEST_NAME).is_file():
+        try:
+            have = read_manifest(out)
+            verify_files(out, have)
+            q = have.quantization
+            same = (
+                q is not None
+                and q.recipe == config.recipe
+                and q.settings == settings_of(config)
+                and q.parent_sha256 == parent.files.get(parent.model_file)
+                and q.calibration_source == load_calibration(options.calibration).source
+            )
+        except ArtifactError as e:
+            progress(f"not reusing {out}: {e}")
+            same = False
+        if same:
+            progress(f"reusing {out} ({config.recipe}, same parent and settings)")
+            return Artifact(out, have), True
+    forced = dataclasses.replace(options, force=True)
+    return quantize(artifact_dir, out, config, forced, progress), False
 
 
 def _search(order, excluded, ok, limit, attempt, progress) -> Attempt:

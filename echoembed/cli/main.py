@@ -127,6 +127,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         artifact=None if args.no_runtime else args.artifact,
+        quantize=tuple(args.quantize),
+        calibration=args.calibration,
     )
     result = run_demo(config, progress=_progress)
     print(format_demo(result))
@@ -263,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to export (or reuse) the artifact",
     )
     p.add_argument("--no-runtime", action="store_true", help="skip the export/runtime part")
+    p.add_argument(
+        "--quantize",
+        nargs="*",
+        default=["int8-dynamic", "int4-hqq"],
+        help="recipes to quantize the artifact with and compare (none: skip)",
+    )
+    p.add_argument("--calibration", default=None, help="calibration texts for --quantize")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("templates", help="list the template presets")
