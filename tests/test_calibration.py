@@ -360,3 +360,15 @@ def test_fp16_recipe(tiny_artifact, tmp_path):
     assert [i.type.tensor_type.elem_type for i in model.graph.output] == [onnx.TensorProto.FLOAT]
     q = art.manifest.quantization
     assert q.recipe == "fp16" and art.manifest.precision == "fp16" and q.mean_cosine > 0.999
+
+
+def test_int4_gptq_recipe(tiny_artifact, tmp_path):
+    cfg = Int4WeightOnlyConfig(algorithm="gptq", exclude=("*.layers.0.mlp.down_proj/*",))
+    art = quantize(tiny_artifact.path, tmp_path / "g", cfg, SMALL)
+    found = ops(art.path / "model.onnx")
+    assert found.count("MatMulNBits") == 13 and found.count("GatherBlockQuantized") == 1
+    q = art.manifest.quantization
+    assert q.recipe == "int4-gptq" and q.settings["float_zero"] is True
+    assert q.excluded == ("base.layers.0.mlp.down_proj/MatMul",) and q.mean_cosine > 0.9
+    with pytest.raises(UserError, match="float_zero needs asymmetric"):
+        Int4WeightOnlyConfig(algorithm="gptq", symmetric=True)

@@ -85,7 +85,7 @@ class Prepared:
     float_path: Path
     linear: dict[str, LinearNode]
     ranges: dict[str, float] | None = None  # INT8 static: activation thresholds
-    gptq: object | None = None  # GPTQ: per-layer results, computed lazily and kept
+    gptq: dict[str, tuple] | None = None  # GPTQ: (codes, scales, zeros) per layer
 
 
 def _match(patterns: tuple[str, ...], linear: dict[str, LinearNode]) -> tuple[str, ...]:
@@ -157,7 +157,7 @@ def _int4(prep: Prepared, config: Int4WeightOnlyConfig, quantizable: list[str], 
         from echoembed.calibration.gptq import to_matmulnbits
 
         for name in quantizable:
-            codes, scales, zeros = prep.gptq(name)
+            codes, scales, zeros = prep.gptq[name]
             to_matmulnbits(
                 model, prep.linear[name], codes, scales, zeros, config.block_size,
                 config.accuracy_level,
@@ -330,27 +330,12 @@ def _prepare(model, config, linear, reader, encoder, cal, options, work: Path, p
     if isinstance(config, Int8StaticConfig):
         prep.ranges = _static_ranges(model, config, linear, reader, encoder, cal, options, progress)
     elif isinstance(config, Int4WeightOnlyConfig) and config.algorithm == "gptq":
-        from onnx import numpy_helper
+        from echoembed.calibration.gptq import gptq_solve
 
-        from echoembed.calibration.gptq import collect_hessians, gptq_weight
-
-        progress(f"GPTQ: Hessians of {len({ln.input for ln in linear.values()})} inputs ...")
-        hessians = collect_hessians(model, sorted({ln.input for ln in linear.values()}), reader)
-        inits = {i.name: i for i in model.graph.initializer}
-        done: dict[str, tuple] = {}
-
-        def solve(name: str):
-            if name not in done:
-                ln = linear[name]
-                w = numpy_helper.to_array(inits[ln.weight]).astype(np.float32)
-                done[name] = gptq_weight(
-                    w, hessians[ln.input], config.block_size, config.symmetric, config.gptq_damp
-                )
-                if len(done) % 30 == 0:
-                    progress(f"  GPTQ: {len(done)}/{len(linear)} layers")
-            return done[name]
-
-        prep.gptq = solve
+        prep.gptq = gptq_solve(
+            model, list(linear.values()), reader, config.block_size, config.symmetric,
+            config.gptq_damp, config.gptq_act_order, config.float_zero, progress,
+        )  # fmt: skip
     return prep, smoothed
 
 

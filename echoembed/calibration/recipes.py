@@ -62,8 +62,9 @@ class Int4WeightOnlyConfig:
     """4-bit block-wise weight-only quantization to MatMulNBits (activations stay float).
 
     ``algorithm``: ``rtn`` (round to nearest), ``hqq`` (half-quadratic, no data) or ``gptq``
-    (second-order, uses the calibration texts). ``quantize_embedding``: the token embedding table
-    becomes a 4-bit GatherBlockQuantized too (RTN, blocks along the hidden axis).
+    (second-order, uses the calibration texts; ``float_zero`` stores fractional zero points, as
+    HQQ does, which reproduce a Q4_1 checkpoint's grid exactly). ``quantize_embedding``: the
+    token embedding table becomes a 4-bit GatherBlockQuantized too (RTN, blocks along hidden).
     """
 
     algorithm: Literal["rtn", "hqq", "gptq"] = "hqq"
@@ -72,6 +73,8 @@ class Int4WeightOnlyConfig:
     symmetric: bool = False
     quantize_embedding: bool = True
     gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    float_zero: bool = True  # GPTQ: fractional zero points (asymmetric only)
     exclude: tuple[str, ...] = ()
 
     @property
@@ -85,6 +88,8 @@ class Int4WeightOnlyConfig:
             raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UserError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.symmetric and self.float_zero and self.algorithm == "gptq":
+            raise UserError("float_zero needs asymmetric quantization (symmetric=False)")
         if not 0.0 < self.gptq_damp < 1.0:
             raise UserError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
 
