@@ -2,11 +2,12 @@
 
     python benchmarks/bench_quantized.py --artifacts artifacts/smollm2-echo \
         artifacts/smollm2-int8-dynamic artifacts/smollm2-int4-hqq \
-        [--sts ../shared/data/stsb/test.tsv]
+        [--sts ../shared/data/stsb/test.tsv] [--bnb int8 nf4] [--json out.json]
 
 For each variant: model file size, mean/min cosine to the PyTorch fp32 reference over the STS
 sentences, STS Spearman, and throughput at batch 32 (interleaved runs, median) relative to
-PyTorch fp32. PyTorch bf16 (autocast on CPU) is in the same table as the peer to beat.
+PyTorch fp32. PyTorch bf16 (autocast on CPU) and the bitsandbytes 8-bit / nf4 variants of the
+reference (what a user would otherwise pick) are in the same table.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--speed-texts", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bnb", nargs="*", default=[], help="bitsandbytes modes: int8 nf4")
+    ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
 
     import torch
@@ -44,6 +47,13 @@ def main() -> None:
     variants = {"pytorch-fp32": lambda t: ref.encode(t, "echo", batch_size=bs)}
     variants["pytorch-bf16"] = torch_bf16
     sizes = {"pytorch-fp32": None, "pytorch-bf16": None}
+    if args.bnb:
+        from echoembed.reference import BnbConfig, BnbEmbedder
+
+    for mode in args.bnb:
+        bnb = BnbEmbedder.from_reference(ref, BnbConfig(mode=mode))
+        variants[f"pytorch-{bnb.name}"] = lambda t, bnb=bnb: bnb.encode(t, "echo", batch_size=bs)
+        sizes[f"pytorch-{bnb.name}"] = None
     for path in args.artifacts:
         emb = Embedder.load(path)
         name = f"onnx-{emb.manifest.precision} ({Path(path).name})"
@@ -70,6 +80,7 @@ def main() -> None:
         "| vs PyTorch fp32 |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    table = []
     for name, (mean, worst, rho) in rows.items():
         size = sizes[name]
         mb = f"{size / 1e6:.1f}" if size else "-"
@@ -79,6 +90,15 @@ def main() -> None:
             f"| {name} | {mb} | {rel} | {mean:.5f} | {worst:.5f} | {rho:.2f} | {tps:.1f} | "
             f"{tps / base:.2f}x |"
         )
+        table.append(
+            {"variant": name, "file_bytes": size, "mean_cosine": mean, "min_cosine": worst,
+             "sts_spearman": rho, "texts_per_s": tps, "vs_pytorch_fp32": tps / base}
+        )  # fmt: skip
+    if args.json:
+        import json
+
+        meta = {"sts": args.sts, "pairs": len(data), "speed_texts": args.speed_texts, "batch": bs}
+        Path(args.json).write_text(json.dumps({"run": meta, "rows": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

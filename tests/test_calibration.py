@@ -372,3 +372,20 @@ def test_int4_gptq_recipe(tiny_artifact, tmp_path):
     assert q.excluded == ("base.layers.0.mlp.down_proj/MatMul",) and q.mean_cosine > 0.9
     with pytest.raises(UserError, match="float_zero needs asymmetric"):
         Int4WeightOnlyConfig(algorithm="gptq", symmetric=True)
+
+
+def test_ort_preprocess_accepts_the_exported_graph(tiny_artifact, tmp_path):
+    """ORT's symbolic shape inference used to fail on the head's ReduceL2 (no handler)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    assert "ReduceL2" not in ops(tiny_artifact.model_path)
+    out = tmp_path / "pre.onnx"
+    quant_pre_process(str(tiny_artifact.model_path), str(out))
+    model = onnx.load(str(out))
+    assert any(v.name == "embedding" for v in model.graph.output)
+    feed = Embedder.load(tiny_artifact.path).encoder().encode(["a b c", "hello there"]).feed()
+    before = ort.InferenceSession(str(tiny_artifact.model_path)).run(None, feed)[0]
+    after = ort.InferenceSession(str(out)).run(None, feed)[0]
+    np.testing.assert_allclose(after, before, atol=1e-5)

@@ -1,7 +1,11 @@
 """The echo pooling head, traced into the graph: base model + pooling (+ L2 normalization).
 
 Mirrors ``echoembed.echo.pool`` exactly (tested against it). Last-token pooling takes
-max(position * mask) and gathers, never ArgMax over int64 (ONNX Runtime rejects that).
+max(position * mask) and gathers, never ArgMax over int64 (ONNX Runtime rejects that). The L2
+norm is written as sqrt(sum(x * x)), not ``Tensor.norm``: that exports as ``ReduceL2``, which
+ONNX Runtime's symbolic shape inference has no handler for, so ``quant_pre_process`` and the
+``onnxruntime.transformers`` optimizer failed on every exported graph (``NoneType has no len()``
+at the final Div).
 """
 
 from __future__ import annotations
@@ -35,6 +39,6 @@ class EchoEmbeddingModel(torch.nn.Module):
             pooled = torch.gather(hidden, 1, index).squeeze(1)
             pooled = pooled * (count > 0).to(pooled.dtype)
         if self.normalize:
-            norm = pooled.norm(p=2, dim=1, keepdim=True).clamp(min=1e-12)
+            norm = torch.sqrt((pooled * pooled).sum(dim=1, keepdim=True)).clamp(min=1e-12)
             pooled = pooled / norm
         return pooled
