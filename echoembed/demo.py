@@ -170,7 +170,7 @@ def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> R
     built = [("onnx fp32", artifact, reused)]
     options = QuantizeOptions(calibration=CalibrationConfig(path=config.calibration))
     for recipe in config.quantize:
-        target = artifact.path.with_name(f"{artifact.path.name.split('-')[0]}-{recipe}")
+        target = artifact.path.with_name(f"{artifact.path.name}-{recipe}")
         progress(f"quantizing to {recipe} ({target}) ...")
         q, q_reused = quantize_or_reuse(
             artifact.path, target, recipe_from_name(recipe), options, progress

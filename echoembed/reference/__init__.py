@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from echoembed.reference.bnb import BnbConfig, BnbConfigError, BnbEmbedder, quantize_bnb
 from echoembed.reference.embedder import ReferenceEmbedder, TorchRunner
 from echoembed.reference.sources import (
     BUNDLED,
@@ -16,11 +17,15 @@ from echoembed.reference.sources import (
 __all__ = [
     "BUNDLED",
     "DEFAULT_MODEL",
+    "BnbConfig",
+    "BnbConfigError",
+    "BnbEmbedder",
     "LoadedModel",
     "ModelSource",
     "ReferenceEmbedder",
     "TorchRunner",
     "load_model",
+    "quantize_bnb",
     "resolve_source",
     "save_hf_dir",
 ]
