@@ -19,14 +19,7 @@ from echoembed.reference import (
 )
 from echoembed.reference.bnb import require_bnb
 from tests.conftest import STSB_DEV
-
-TEXTS = [
-    "A man is playing the guitar.",
-    "Hello world",
-    "The stock market fell sharply after the announcement of new tariffs on steel imports.",
-    "Kids play.",
-    "A woman slices an onion in the kitchen while listening to the radio.",
-]
+from tests.test_reference import TEXTS
 
 # Measured on the tiny random Llama (hidden 32), mean pooling: int8 cosine >= 0.99997,
 # nf4 >= 0.967 (mean 0.985). The floors leave room for other CPUs / kernels.

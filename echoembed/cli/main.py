@@ -82,6 +82,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         method=args.method,
         percentile=args.percentile,
         smooth_alpha=args.smooth_alpha,
+        per_channel=False if args.per_tensor else None,
     )
     if args.no_smooth:
         if not hasattr(config, "smooth_alpha"):
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percentile", type=float, default=None, help="int8-static percentile")
     p.add_argument("--smooth-alpha", type=float, default=None, help="INT8 SmoothQuant alpha")
     p.add_argument("--no-smooth", action="store_true", help="INT8 without SmoothQuant")
+    p.add_argument("--per-tensor", action="store_true", help="INT8 weights per tensor")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.set_defaults(func=cmd_quantize)
 
