@@ -142,6 +142,11 @@ def test_int8_static_structure(tiny_artifact, tmp_path):
     assert q.mean_cosine > 0.99
     emb = Embedder.load(art.path).encode(["hello world", "kids play"])
     assert emb.shape == (2, 32) and np.isfinite(emb).all()
+    u8 = quantize(tiny_artifact.path, tmp_path / "u8", Int8StaticConfig(activations="uint8"), SMALL)
+    acts = [i for i in onnx.load(str(u8.model_path)).graph.initializer if "act_zero" in i.name]
+    assert len(acts) == 8 and all(numpy_helper.to_array(i).item() == 128 for i in acts)
+    assert acts[0].data_type == onnx.TensorProto.UINT8
+    assert abs(u8.manifest.quantization.mean_cosine - q.mean_cosine) < 1e-3  # same grid, shifted
 
 
 def test_static_calibrators_on_known_data():

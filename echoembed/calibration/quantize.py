@@ -143,7 +143,8 @@ def _apply(prep: Prepared, config: RecipeConfig, excluded: tuple[str, ...], out:
             )
     elif isinstance(config, Int8StaticConfig):
         model = onnx.load(str(prep.float_path))
-        insert_qdq(model, [prep.linear[n] for n in quantizable], prep.ranges, config.per_channel)
+        nodes = [prep.linear[n] for n in quantizable]
+        insert_qdq(model, nodes, prep.ranges, config.per_channel, config.activations)
         _save(model, out)
     else:
         model = _int4(prep, config, quantizable, excluded)

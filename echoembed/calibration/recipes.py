@@ -36,9 +36,12 @@ class Int8StaticConfig:
     and weights (zero point 0), so TensorRT can consume the same graph as ONNX Runtime.
 
     ``method``: ``minmax``, ``percentile`` (of |x|, ``percentile``) or ``entropy`` (KL).
+    ``activations``: ``int8`` (zero point 0, for TensorRT) or ``uint8`` (zero point 128, the same
+    symmetric grid, which ONNX Runtime's CPU provider fuses; with int8 it runs at fp32 speed).
     """
 
     method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    activations: Literal["int8", "uint8"] = "int8"
     percentile: float = 99.999
     per_channel: bool = True
     smooth_alpha: float | None = 0.7
@@ -51,6 +54,8 @@ class Int8StaticConfig:
             raise UserError(
                 f"method must be minmax, percentile or entropy, got {self.method!r}"
             )
+        if self.activations not in ("int8", "uint8"):
+            raise UserError(f"activations must be 'int8' or 'uint8', got {self.activations!r}")
         if not 90.0 <= self.percentile <= 100.0:
             raise UserError(f"percentile must be in [90, 100], got {self.percentile}")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:

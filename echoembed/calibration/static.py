@@ -8,8 +8,9 @@ with one of three calibrators:
 - ``entropy``: the clipping threshold whose 128-level quantized distribution is closest (KL
   divergence) to the histogram of |x|, as in TensorRT's entropy calibrator.
 
-Activations and weights are symmetric int8 (zero point 0), so the same QDQ graph serves ONNX
-Runtime (which fuses ``DQ -> MatMul <- DQ``) and TensorRT (explicit quantization). Ranges are
+Weights are symmetric int8 (zero point 0); activations are symmetric too, as int8 with zero
+point 0 (the explicit-quantization form TensorRT consumes) or as uint8 with zero point 128 (the
+same grid, which ONNX Runtime's CPU provider fuses into ``MatMulIntegerToFloat``). Ranges are
 cached in a JSON file written atomically with the float graph's checksum, the template, the
 calibration texts' sha256 and the calibrator settings: a cache whose fields differ is stale and
 is recomputed, never reused.
@@ -157,9 +158,19 @@ def collect_ranges(
 
 
 def insert_qdq(
-    model, nodes: list[LinearNode], ranges: dict[str, float], per_channel: bool
+    model,
+    nodes: list[LinearNode],
+    ranges: dict[str, float],
+    per_channel: bool,
+    activations: str = "int8",
 ) -> None:
-    """Rewrite each linear MatMul to ``DQ(Q(x)) @ DQ(W_int8)`` in place (symmetric int8)."""
+    """Rewrite each linear MatMul to ``DQ(Q(x)) @ DQ(W_int8)`` in place.
+
+    Activations are symmetric either way: int8 with zero point 0 (TensorRT), or uint8 with zero
+    point 128 (the same grid, shifted), which ONNX Runtime's CPU provider fuses with the weight
+    into ``MatMulIntegerToFloat``; with int8 activations it leaves the Q/DQ pairs unfused and runs
+    at fp32 speed (measured on SmolLM2: 2.2x faster with uint8, same cosine)."""
+    zero = np.array(128, dtype=np.uint8) if activations == "uint8" else np.array(0, dtype=np.int8)
     require("onnx", "export")
     from onnx import helper, numpy_helper
 
@@ -173,7 +184,7 @@ def insert_qdq(
             s, z = f"{x}/act_scale", f"{x}/act_zero"
             new_inits += [
                 numpy_helper.from_array(np.array(thr / 127.0, dtype=np.float32), s),
-                numpy_helper.from_array(np.array(0, dtype=np.int8), z),
+                numpy_helper.from_array(zero, z),
             ]
             qdq_of[x] = f"{x}/dq"
             before.setdefault(ln.name, []).extend(

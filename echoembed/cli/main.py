@@ -83,6 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         smooth_alpha=args.smooth_alpha,
         per_channel=False if args.per_tensor else None,
+        activations=args.activations,
     )
     if args.no_smooth:
         if not hasattr(config, "smooth_alpha"):
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8-static calibrator (minmax)",
     )  # fmt: skip
     p.add_argument("--percentile", type=float, default=None, help="int8-static percentile")
+    p.add_argument(
+        "--activations", choices=["int8", "uint8"], default=None,
+        help="int8-static activations: int8 (TensorRT, default) or uint8 zero point 128 (ORT CPU)",
+    )  # fmt: skip
     p.add_argument("--smooth-alpha", type=float, default=None, help="INT8 SmoothQuant alpha")
     p.add_argument("--no-smooth", action="store_true", help="INT8 without SmoothQuant")
     p.add_argument("--per-tensor", action="store_true", help="INT8 weights per tensor")
