@@ -72,12 +72,17 @@ def test_fp32_chains_do_not_round_trip(fp16_model):
     of SmolLM2's failure with onnxruntime's converter: x^2 cast to fp16 between Pow and
     ReduceMean overflows at the BOS position)."""
     producer = {o: n for n in fp16_model.graph.node for o in n.output}
+    norms = 0
     for node in fp16_model.graph.node:
-        if node.op_type in ("ReduceMean", "Sqrt"):
-            assert producer[node.input[0]].op_type in ("Pow", "Add"), node.name
-        if node.op_type == "Sqrt":
-            add = producer[node.input[0]]
-            assert producer[add.input[0]].op_type == "ReduceMean"
+        if node.op_type == "ReduceMean":
+            assert producer[node.input[0]].op_type == "Pow", node.name
+        if node.op_type == "Sqrt" and producer[node.input[0]].op_type == "Add":
+            add = producer[node.input[0]]  # RMSNorm: sqrt(mean(x^2) + eps), no Cast between
+            assert producer[add.input[0]].op_type == "ReduceMean", node.name
+            norms += 1
+        elif node.op_type == "Sqrt":  # the head's L2 norm: sqrt(sum(x * x)), fp32 pooling
+            assert producer[node.input[0]].op_type == "ReduceSum", node.name
+    assert norms == 5  # two layers x two norms, and the final norm
     big = [
         i.name
         for i in fp16_model.graph.initializer
