@@ -94,6 +94,7 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     assert q.calibration_texts == 12 and q.eval_texts == 12 and q.settings["per_channel"] is True
     assert 0.9 < q.mean_cosine <= 1.0 + 1e-6 and q.min_cosine <= q.mean_cosine
     assert read_manifest(art.path).precision == "int8-dynamic"
+    assert art.manifest.created > tiny_artifact.manifest.created, "its own creation time"
     emb = Embedder.load(art.path).encode(["hello world", "kids play"])
     assert emb.shape == (2, 32)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fnmatch
 import logging
 import shutil
@@ -495,6 +496,7 @@ def quantize(
             parity=None,  # the export-time check was the parent's; accuracy is in `quantization`
             files=hash_files(tmp),
             quantization=info,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         install_dir(tmp, out)
