@@ -56,3 +56,29 @@ def test_read_sts_errors(tmp_path):
     bad.write_text("sentence1\tsentence2\tscore\nx\ty\tnot-a-number\n")
     with pytest.raises(InputError, match="not a number"):
         read_sts(bad)
+
+
+def test_ndcg_at_k_hand_computed():
+    from echoembed.validation import ndcg_at_k
+
+    rel = {"a": 1, "b": 2}
+    # ranked c, b, a: DCG = 0 + 2/log2(3) + 1/log2(4) = 1.26186 + 0.5; IDCG = 2 + 1/log2(3)
+    want = (2 / np.log2(3) + 0.5) / (2 + 1 / np.log2(3))
+    assert ndcg_at_k(["c", "b", "a"], rel, k=10) == pytest.approx(want)
+    assert ndcg_at_k(["b", "a", "c"], rel, k=10) == pytest.approx(1.0)
+    assert ndcg_at_k(["c", "b", "a"], rel, k=1) == 0.0  # nothing relevant at rank 1
+    assert ndcg_at_k(["x"], {}, k=10) == 0.0
+    with pytest.raises(InputError, match="k must be"):
+        ndcg_at_k(["a"], rel, k=0)
+
+
+def test_recall_at_k_and_accuracy_hand_computed():
+    from echoembed.validation import accuracy, recall_at_k
+
+    rel = {"a": 1, "b": 1, "c": 0, "d": 2}
+    assert recall_at_k(["a", "x", "c", "d"], rel, k=2) == pytest.approx(1 / 3)
+    assert recall_at_k(["a", "x", "c", "d"], rel, k=100) == pytest.approx(2 / 3)
+    assert recall_at_k(["a"], {"a": 0}, k=1) == 0.0
+    assert accuracy([1, 2, 3, 3], [1, 2, 0, 3]) == pytest.approx(0.75)
+    with pytest.raises(InputError, match="equal length"):
+        accuracy([1], [1, 2])

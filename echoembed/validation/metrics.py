@@ -1,6 +1,9 @@
-"""Metrics in numpy (no scipy): rank correlation and cosine similarity."""
+"""Metrics in numpy (no scipy): rank correlation, cosine similarity, retrieval and
+classification metrics."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -48,3 +51,35 @@ def paired_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return num / np.maximum(den, 1e-12)
+
+
+def ndcg_at_k(ranked: Sequence[str], relevance: Mapping[str, float], k: int = 10) -> float:
+    """nDCG@k of one ranked list (BEIR / trec_eval ``ndcg_cut``: gain = graded relevance,
+    discount 1/log2(rank + 1)); ideal from the judged relevances. 0 when nothing is relevant."""
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    gains = [float(relevance.get(doc, 0.0)) for doc in ranked[:k]]
+    dcg = sum(g / np.log2(i + 2) for i, g in enumerate(gains))
+    ideal = sorted((float(r) for r in relevance.values() if r > 0), reverse=True)[:k]
+    idcg = sum(g / np.log2(i + 2) for i, g in enumerate(ideal))
+    return float(dcg / idcg) if idcg > 0 else 0.0
+
+
+def recall_at_k(ranked: Sequence[str], relevance: Mapping[str, float], k: int = 100) -> float:
+    """Share of the relevant documents (relevance > 0) found in the top k. 0 when none exist."""
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    relevant = {doc for doc, r in relevance.items() if r > 0}
+    if not relevant:
+        return 0.0
+    return len(relevant.intersection(ranked[:k])) / len(relevant)
+
+
+def accuracy(predicted: Sequence, gold: Sequence) -> float:
+    """Share of positions where ``predicted`` equals ``gold``."""
+    if len(predicted) != len(gold) or not gold:
+        raise InputError(
+            f"accuracy needs two non-empty sequences of equal length, got {len(predicted)} "
+            f"and {len(gold)}"
+        )
+    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
