@@ -187,9 +187,9 @@ def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> R
         runs[name] = lambda t, emb=emb: emb.encode(t, batch_size=bs)
     progress(f"timing {len(runs)} variants on {len(texts)} texts, batch {bs} ...")
     speed = compare_throughput(runs, texts, repeats=config.speed_repeats)
-    variants = []
+    variants, embedded = [], {}
     for name, a, was_reused in built:
-        got = runners[name].encode(texts, batch_size=bs)
+        got = embedded[name] = runners[name].encode(texts, batch_size=bs)
         cos = (got * want).sum(axis=1)
         variants.append(
             VariantCheck(
@@ -197,7 +197,7 @@ def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> R
                 float(cos.min()), speed[name].texts_per_second,
             )  # fmt: skip
         )
-    got = runners["onnx fp32"].encode(texts, batch_size=bs)
+    got = embedded["onnx fp32"]
     return RuntimeCheck(
         artifact=str(artifact.path),
         reused=reused,

@@ -99,6 +99,11 @@ def _shipped_texts() -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+def calibration_source(config: CalibrationConfig) -> str:
+    """How a calibration set's origin is named in manifests."""
+    return "echoembed shipped texts" if config.path is None else str(config.path)
+
+
 def load_calibration(config: CalibrationConfig) -> CalibrationSet:
     """Sample disjoint calibration and evaluation texts (seeded)."""
     if config.samples < 1:
@@ -108,7 +113,7 @@ def load_calibration(config: CalibrationConfig) -> CalibrationSet:
     rng = random.Random(config.seed)
     picked = rng.sample(texts, min(len(texts), 2 * config.samples))
     n_cal = min(config.samples, max(1, len(picked) // 2))
-    source = "echoembed shipped texts" if config.path is None else str(config.path)
+    source = calibration_source(config)
     return CalibrationSet(source, tuple(picked[:n_cal]), tuple(picked[n_cal:]))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echoembed.calibration.graph import EXTERNAL_DATA_BYTES, LinearNode
+from echoembed.calibration.graph import LinearNode, probe
 from echoembed.errors import InternalError, UserError, require
 
 BITS = 4
@@ -33,76 +33,6 @@ def check_block_size(block_size: int) -> None:
 # --- Hessians -------------------------------------------------------------------------------
 
 
-def _real_tokens(value: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
-    """Rows of ``value`` ([B, T, K] or [B*T, K]) at real tokens, as float32 [n, K]."""
-    if value.ndim == 3 and value.shape[:2] == mask.shape:
-        x = value[mask]
-    elif value.ndim == 2 and value.shape[0] == mask.size:
-        x = value[mask.reshape(-1)]
-    else:
-        raise InternalError(
-            f"tensor {name} has shape {value.shape}, not [batch, tokens, K] for a batch of "
-            f"{mask.shape}"
-        )
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _by_length(reader) -> list[dict[str, np.ndarray]]:
-    """The reader's batches regrouped by real length and cut to their longest row.
-
-    A fixed-shape reader pads every batch to the longest text of all; with right padding and a
-    causal model the trailing padding changes nothing at the real tokens, so the rows are sorted
-    by length into batches of the same size and the all-padding columns dropped (about half the
-    forward pass on short texts). Batches that are not all [B, T] with one T are kept as is.
-    """
-    feeds = []
-    reader.rewind()
-    while (feed := reader.get_next()) is not None:
-        feeds.append(feed)
-    reader.rewind()
-    if not feeds:
-        return []
-    shape = feeds[0]["attention_mask"].shape
-    if any(v.shape != shape for f in feeds for v in f.values()) or any(
-        f.keys() != feeds[0].keys() for f in feeds
-    ):
-        return feeds
-    rows = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-    mask = rows["attention_mask"].astype(bool)
-    if (mask[:, 1:] & ~mask[:, :-1]).any():  # a real token after padding: not right-padded
-        return feeds
-    order = np.argsort(-mask.sum(axis=1), kind="stable")
-    out = []
-    for start in range(0, len(order), shape[0]):
-        pick = order[start : start + shape[0]]
-        width = max(int(mask[pick].sum(axis=1).max()), 1)
-        out.append({k: np.ascontiguousarray(v[pick, :width]) for k, v in rows.items()})
-    return out
-
-
-def _probe_session(model, names: list[str]):
-    """An onnxruntime session of ``model`` with ``names`` added as outputs (model unchanged)."""
-    onnx = require("onnx", "export")
-    import tempfile
-
-    import onnxruntime as ort
-
-    extra = len(model.graph.output)
-    for name in names:
-        model.graph.output.append(
-            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        )
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "probe.onnx"
-            onnx.save_model(
-                model, str(path), save_as_external_data=model.ByteSize() > EXTERNAL_DATA_BYTES
-            )
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    finally:
-        del model.graph.output[extra:]
-
-
 def collect_hessians(model, inputs: list[str], reader) -> dict[str, np.ndarray]:
     """H = (2/n) * sum over real tokens of x x^T (float64 [K, K]) for each input tensor name.
 
@@ -110,25 +40,17 @@ def collect_hessians(model, inputs: list[str], reader) -> dict[str, np.ndarray]:
     is left as it was); padding tokens (``attention_mask`` 0) are left out.
     """
     names = list(dict.fromkeys(inputs))
-    if not names:
-        return {}
-    session = _probe_session(model, names)
-    wanted = {i.name for i in session.get_inputs()}
     sums: dict[str, np.ndarray] = {}
     count = 0
-    for feed in _by_length(reader):
-        mask = feed["attention_mask"].astype(bool)
-        values = session.run(names, {k: v for k, v in feed.items() if k in wanted})
-        count += int(mask.sum())
-        for name, value in zip(names, values, strict=True):
-            x = _real_tokens(value, mask, name)
+    for batch in probe(model, names, reader, desc="GPTQ Hessians"):
+        count += len(batch[names[0]])
+        for name, x in batch.items():
             xtx = x.T @ x  # float32 (BLAS syrk), summed in float64
             if name in sums:
                 sums[name] += xtx
             else:
                 sums[name] = xtx.astype(np.float64)
-        del values
-    if count == 0:
+    if names and count == 0:
         raise UserError("the calibration batches hold no real tokens")
     for h in sums.values():
         h *= 2.0 / count

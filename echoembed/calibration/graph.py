@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echoembed.errors import require
+from echoembed.errors import InternalError, require
 
 # Above this a ModelProto is saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
@@ -51,41 +51,88 @@ def linear_nodes(model) -> dict[str, LinearNode]:
     return out
 
 
+def _real_tokens(value: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
+    """Rows of ``value`` ([B, T, K] or [B*T, K]) at real tokens, as float32 [n, K]."""
+    if value.ndim == 3 and value.shape[:2] == mask.shape:
+        x = value[mask]
+    elif value.ndim == 2 and value.shape[0] == mask.size:
+        x = value[mask.reshape(-1)]
+    else:
+        raise InternalError(
+            f"tensor {name} has shape {value.shape}, not [batch, tokens, K] for a batch of "
+            f"{mask.shape}"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _by_length(reader) -> list[dict[str, np.ndarray]]:
+    """The reader's batches regrouped by real length and cut to their longest row.
+
+    A fixed-shape reader pads every batch to the longest text of all; with right padding and a
+    causal model the trailing padding changes nothing at the real tokens, so the rows are sorted
+    by length into batches of the same size and the all-padding columns dropped (about half the
+    forward pass on short texts). Batches that are not all [B, T] with one T are kept as is.
+    """
+    feeds = []
+    reader.rewind()
+    while (feed := reader.get_next()) is not None:
+        feeds.append(feed)
+    reader.rewind()
+    if not feeds:
+        return []
+    shape = feeds[0]["attention_mask"].shape
+    if any(v.shape != shape for f in feeds for v in f.values()) or any(
+        f.keys() != feeds[0].keys() for f in feeds
+    ):
+        return feeds
+    rows = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    mask = rows["attention_mask"].astype(bool)
+    if (mask[:, 1:] & ~mask[:, :-1]).any():  # a real token after padding: not right-padded
+        return feeds
+    order = np.argsort(-mask.sum(axis=1), kind="stable")
+    out = []
+    for start in range(0, len(order), shape[0]):
+        pick = order[start : start + shape[0]]
+        width = max(int(mask[pick].sum(axis=1).max()), 1)
+        out.append({k: np.ascontiguousarray(v[pick, :width]) for k, v in rows.items()})
+    return out
+
+
 def probe(
     model, tensors: list[str], reader, desc: str = "calibrating"
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Run the graph over every calibration batch with intermediate ``tensors`` added as outputs;
-    yields ``{name: values of the real tokens, [tokens, channels]}`` per batch (with a progress
-    bar on a terminal)."""
+    """Run the graph over the calibration batches with intermediate ``tensors`` added as outputs;
+    yields ``{name: values at the real tokens, float32 [tokens, channels]}`` per batch (with a
+    progress bar on a terminal). The outputs are added to ``model`` only while the session is
+    built (no copy of the weights), and batches are regrouped by length (``_by_length``)."""
     onnx = require("onnx", "export")
     import onnxruntime as ort
     from tqdm.auto import tqdm
 
     if not tensors:
         return
-    probed = onnx.ModelProto()
-    probed.CopyFrom(model)
-    known = {o.name for o in probed.graph.output}
-    for name in tensors:
+    extra = len(model.graph.output)
+    known = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(tensors):
         if name not in known:
-            probed.graph.output.append(
+            model.graph.output.append(
                 onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
             )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
-        onnx.save_model(
-            probed, str(path), save_as_external_data=probed.ByteSize() > EXTERNAL_DATA_BYTES
-        )
-        del probed
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        reader.rewind()
-        with tqdm(total=len(reader), desc=desc, unit="batch", disable=None, leave=False) as bar:
-            while (feed := reader.get_next()) is not None:
-                mask = feed["attention_mask"].astype(bool)
-                values = session.run(tensors, feed)
-                yield {name: v[mask] for name, v in zip(tensors, values, strict=True)}
-                bar.update(1)
-        reader.rewind()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.onnx"
+            onnx.save_model(
+                model, str(path), save_as_external_data=model.ByteSize() > EXTERNAL_DATA_BYTES
+            )
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.output[extra:]
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = _by_length(reader)
+    for feed in tqdm(feeds, desc=desc, unit="batch", disable=None, leave=False):
+        mask = feed["attention_mask"].astype(bool)
+        values = session.run(tensors, {k: v for k, v in feed.items() if k in wanted})
+        yield {name: _real_tokens(v, mask, name) for name, v in zip(tensors, values, strict=True)}
 
 
 def input_abs_max(model, tensors: list[str], reader) -> dict[str, np.ndarray]:

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from echoembed.calibration.data import CalibrationSet, FixedShapeReader, load_calibration
+from echoembed.calibration.data import (
+    CalibrationSet,
+    FixedShapeReader,
+    calibration_source,
+    load_calibration,
+)
 from echoembed.calibration.graph import (
     EXTERNAL_DATA_BYTES,
     LinearNode,
@@ -46,8 +51,8 @@ from echoembed.calibration.smooth import mlp_pairs, norm_groups, smooth_mlp, smo
 from echoembed.calibration.static import (
     CacheKey,
     collect_ranges,
+    files_sha256,
     insert_qdq,
-    model_sha256,
     read_cache,
     write_cache,
 )
@@ -351,7 +356,7 @@ def _prepare(model, config, linear, reader, encoder, cal, options, work: Path, p
     prep = Prepared(work / "float.onnx", linear)
     _save(model, prep.float_path)
     if isinstance(config, Int8StaticConfig):
-        prep.ranges = _static_ranges(model, config, linear, reader, encoder, cal, options, progress)
+        prep.ranges = _static_ranges(prep, model, config, reader, encoder, cal, options, progress)
     elif isinstance(config, Int4WeightOnlyConfig) and config.algorithm == "gptq":
         from echoembed.calibration.gptq import gptq_solve
 
@@ -362,10 +367,10 @@ def _prepare(model, config, linear, reader, encoder, cal, options, work: Path, p
     return prep, smoothed
 
 
-def _static_ranges(model, config, linear, reader, encoder, cal, options, progress):
-    tensors = sorted({ln.input for ln in linear.values()})
+def _static_ranges(prep, model, config, reader, encoder, cal, options, progress):
+    tensors = sorted({ln.input for ln in prep.linear.values()})
     key = CacheKey(
-        model_sha256(model),
+        files_sha256(prep.float_path),
         encoder.config.template.source,
         cal.sha256,
         config.method,
@@ -531,7 +536,7 @@ def quantize_or_reuse(
                 and q.recipe == config.recipe
                 and q.settings == settings_of(config)
                 and q.parent_sha256 == parent.files.get(parent.model_file)
-                and q.calibration_source == load_calibration(options.calibration).source
+                and q.calibration_source == calibration_source(options.calibration)
             )
         except ArtifactError as e:
             progress(f"not reusing {out}: {e}")

@@ -31,6 +31,7 @@ import numpy as np
 
 from echoembed.calibration.graph import LinearNode, probe
 from echoembed.errors import InputError, require
+from echoembed.runtime.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,19 @@ QUANT_LEVELS = 128  # symmetric int8: |q| in 0..127
 class CacheKey:
     """What a set of ranges depends on; any difference makes a cache stale."""
 
-    model_sha256: str  # of the serialized float graph the ranges were measured on
+    model_sha256: str  # of the saved float graph (and its external data) the ranges came from
     template: str
     calibration_sha256: str
     method: str
     percentile: float
 
 
-def model_sha256(model) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
+def files_sha256(model_path: Path) -> str:
+    """sha256 over a saved graph and its external data file, if any (a ModelProto over 2 GiB
+    cannot be serialized in memory, and hashing the file costs no second copy)."""
+    parts = [model_path, model_path.with_name(model_path.name + ".data")]
+    digests = [sha256_file(p) for p in parts if p.is_file()]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def read_cache(path: Path, key: CacheKey) -> dict[str, float] | None:
