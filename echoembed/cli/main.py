@@ -137,6 +137,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from echoembed.validation.classification import ClassificationConfig
+    from echoembed.validation.report import format_report
+    from echoembed.validation.retrieval import RetrievalConfig
+    from echoembed.validation.validate import LatencyConfig, ValidateConfig, validate
+
+    config = ValidateConfig(
+        reference=args.reference,
+        sts=args.sts,
+        retrieval=args.retrieval,
+        classification=args.classification,
+        limit=args.limit,
+        retrieval_options=RetrievalConfig(
+            distractors=None if args.distractors == "all" else _count(args.distractors),
+            seed=args.seed,
+            max_length=args.max_length,
+        ),
+        classification_options=ClassificationConfig(
+            classifier=args.classifier, seed=args.seed, train_per_label=args.train_per_label
+        ),
+        classical=not args.no_classical,
+        latency=None if args.no_latency else LatencyConfig(batch_size=args.batch_size),
+        max_drop=args.max_drop,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        providers=tuple(args.providers) if args.providers else None,
+        runs_dir=Path(args.runs_dir),
+        cache_dir=None if args.no_cache else Path(args.runs_dir) / "cache",
+    )
+    result = validate(args.artifact, config, progress=_progress)
+    print(format_report(result.report))
+    if result.run_dir is not None:
+        print(f"\nreport: {result.run_dir / 'report.json'}")
+    budget = result.report.budget
+    return 1 if budget is not None and not budget.passed else 0
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UserError(f"expected a whole number or 'all', got {text!r}") from None
+    if n < 0:
+        raise UserError(f"expected a number >= 0, got {n}")
+    return n
+
+
 def cmd_templates(args: argparse.Namespace) -> int:
     from echoembed.echo import PRESETS
 
@@ -280,6 +327,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calibration", default=None, help="calibration texts for --quantize")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "validate",
+        help="an artifact vs the PyTorch reference on real data: agreement, tasks, latency",
+        description="Exit status: 0 ok, 1 over the --max-drop budget, 2 bad input.",
+    )
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument(
+        "--reference",
+        default="auto",
+        help="PyTorch reference model (smollm2, HF dir, .gguf); auto: the artifact's own "
+        "bundled source; none: skip the reference",
+    )
+    p.add_argument("--sts", type=Path, default=None, help="STS TSV (../shared/data/stsb/test.tsv)")
+    p.add_argument(
+        "--retrieval", type=Path, default=None, help="BEIR directory (../shared/data/scifact)"
+    )
+    p.add_argument(
+        "--classification",
+        type=Path,
+        default=None,
+        help="text<TAB>label TSV (../shared/data/banking77/test.tsv)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None,
+        help="quick look: first N STS pairs, first N queries, ~N classification texts",
+    )  # fmt: skip
+    p.add_argument(
+        "--distractors", default="500",
+        help="retrieval: documents added to the judged ones (seeded); 'all': the full corpus",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="distractor draw and classifier splits")
+    p.add_argument("--max-length", type=int, default=512, help="retrieval: tokens per copy")
+    p.add_argument("--classifier", choices=["logreg", "knn"], default="logreg")
+    p.add_argument("--train-per-label", type=int, default=20, help="classification")
+    p.add_argument("--no-classical", action="store_true", help="skip the classical template")
+    p.add_argument("--no-latency", action="store_true", help="skip latency and throughput")
+    p.add_argument(
+        "--max-drop", type=float, default=None,
+        help="fail (exit 1) when any task metric is more than this many points below the "
+        "reference",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers")
+    p.add_argument("--runs-dir", default="runs", help="run directories go here (and the cache)")
+    p.add_argument("--no-cache", action="store_true", help="recompute reference embeddings")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("templates", help="list the template presets")
     p.set_defaults(func=cmd_templates)

@@ -96,15 +96,20 @@ class Embedder:
             return get_template(name)
         raise ArtifactError(f"the manifest's default template {name!r} is not in its templates")
 
-    def encoder(self, template: Template | str | None = None) -> EchoEncoder:
+    def encoder(
+        self, template: Template | str | None = None, max_length: int | None = None
+    ) -> EchoEncoder:
+        """The (cached) encoder for ``template``; ``max_length`` (tokens per copy of the text)
+        overrides the artifact's own limit."""
         tpl = self.template(template)
-        key = (tpl.source, tuple(sorted(tpl.defaults.items())))
+        max_length = self.manifest.max_length if max_length is None else max_length
+        key = (tpl.source, tuple(sorted(tpl.defaults.items())), max_length)
         with self._lock:
             enc = self._encoders.get(key)
             if enc is None:
                 cfg = EncoderConfig(
                     tpl,
-                    max_length=self.manifest.max_length,
+                    max_length=max_length,
                     context_length=self.manifest.context_length,
                 )
                 enc = EchoEncoder(self.tokenizer, self.special, cfg)
@@ -119,6 +124,7 @@ class Embedder:
         batch_size: int = 32,
         normalize: bool = True,
         variables: Mapping[str, str] | None = None,
+        max_length: int | None = None,
         show_progress: bool | None = None,
     ) -> np.ndarray:
         """Embed texts -> float32 [n, hidden], rows in input order.
@@ -126,10 +132,12 @@ class Embedder:
         ``template=None`` uses the template the artifact was exported and checked with. The
         pooling is fixed by the artifact. With ``normalize=False`` the graph output is returned
         as is (already unit-norm when the artifact was exported with normalization).
+        ``max_length`` truncates each copy of a text to that many tokens (default: the
+        artifact's limit, if any).
         """
         return embed_texts(
             self.runner,
-            self.encoder(template),
+            self.encoder(template, max_length),
             texts,
             batch_size=batch_size,
             normalize=normalize,
