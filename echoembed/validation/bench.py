@@ -326,22 +326,26 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
         ) from e
     colors = {"pytorch": "tab:blue", "bitsandbytes": "tab:purple", "onnx": "tab:green",
               "peer": "tab:orange"}  # fmt: skip
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     xs = [r.texts_per_s for r in report.rows]
     ys = [r.sts_spearman for r in report.rows]
     dx = (max(xs) - min(xs)) or 1.0
     dy = (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float]] = []
-    for r in sorted(report.rows, key=lambda r: (r.sts_spearman, r.texts_per_s)):
-        ax.scatter(r.texts_per_s, r.sts_spearman, color=colors.get(r.kind, "k"), s=40)
-        # stack the labels of points that sit on top of each other (e.g. the fp32 variants)
+    # numbered points, names in the legend: clustered variants (the fp32 ones) stay readable
+    for i, r in enumerate(report.rows, start=1):
+        ax.scatter(
+            r.texts_per_s, r.sts_spearman, color=colors.get(r.kind, "k"), s=40,
+            label=f"{i}  {r.variant}: {r.sts_spearman:.2f}, {r.texts_per_s:.1f}/s",
+        )  # fmt: skip
         near = sum(
-            abs(r.texts_per_s - x) < 0.12 * dx and abs(r.sts_spearman - y) < 0.04 * dy
+            abs(r.texts_per_s - x) < 0.05 * dx and abs(r.sts_spearman - y) < 0.04 * dy
             for x, y in placed
         )
         placed.append((r.texts_per_s, r.sts_spearman))
-        ax.annotate(r.variant, (r.texts_per_s, r.sts_spearman), textcoords="offset points",
-                    xytext=(5, 4 + 11 * near), fontsize=8)  # fmt: skip
+        ax.annotate(str(i), (r.texts_per_s, r.sts_spearman), textcoords="offset points",
+                    xytext=(5 + 9 * near, 3), fontsize=8)  # fmt: skip
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel(f"throughput, texts/s (batch {report.batch_size})")
     ax.set_ylabel("STS-B Spearman x100 (echo, mean pooling)")
     ax.set_title(
