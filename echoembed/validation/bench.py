@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from echoembed.errors import InputError, MissingDependencyError
 from echoembed.validation.sts import read_sts, sts_spearman
 from echoembed.validation.timing import compare_throughput
-from echoembed.validation.validate import new_run_dir, write_atomic
+from echoembed.validation.validate import machine_info, new_run_dir, write_atomic
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -200,18 +199,6 @@ def _peer_variant(config: BenchConfig, ref, skipped: dict[str, str], say: Progre
     )
 
 
-def _machine() -> dict:
-    import onnxruntime as ort
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-    }
-
-
 def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
     """Run every variant on the same STS sentences; see the module docstring."""
     import contextlib
@@ -272,7 +259,7 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         )
     report = BenchReport(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=_machine(),
+        machine=machine_info(),
         sts=str(config.sts),
         pairs=len(data),
         sentences=len(sentences),

@@ -36,6 +36,7 @@ from echoembed.echo import EchoEncoder, Pooling, Template, validate_texts
 from echoembed.errors import (
     BackendError,
     InputError,
+    InternalError,
     MissingDependencyError,
     ModelSourceError,
 )
@@ -238,9 +239,8 @@ class OptimumPeer:
         """Embed ``texts`` in the worker without sending the result back; its seconds."""
         with self._lock:
             self._check_open()
-            self._request(texts, batch_size, variables, None, timeout_s)
-        assert self.last_seconds is not None
-        return self.last_seconds
+            reply = self._request(texts, batch_size, variables, None, timeout_s)
+        return float(reply["seconds"])
 
     def _check_open(self) -> None:
         if self._closed:
@@ -265,13 +265,18 @@ class OptimumPeer:
         self.last_seconds = float(reply["seconds"])
         return reply
 
+    def _stdin(self):
+        if self.process.stdin is None:  # start() always opens a pipe
+            raise InternalError(f"the {self.name} peer was started without a stdin pipe")
+        return self.process.stdin
+
     def _send(self, message: Mapping[str, Any]) -> None:
         if self.process.poll() is not None:
             raise self._died("before the request")
+        stdin = self._stdin()
         try:
-            assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps(message) + "\n")
-            self.process.stdin.flush()
+            stdin.write(json.dumps(message) + "\n")
+            stdin.flush()
         except (BrokenPipeError, OSError):
             raise self._died("while receiving the request") from None
 
@@ -325,9 +330,9 @@ class OptimumPeer:
         self._closed = True
         if self.process.poll() is None:
             try:
-                assert self.process.stdin is not None
-                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.process.stdin.close()
+                stdin = self._stdin()
+                stdin.write(json.dumps({"op": "quit"}) + "\n")
+                stdin.close()
             except (BrokenPipeError, OSError, ValueError):
                 pass
             try:

@@ -133,17 +133,20 @@ class EmbeddingCache:
         return arr
 
 
-def _machine(embedder) -> dict:
+def machine_info(providers: Sequence[str] | None = None) -> dict:
+    """Where a measurement ran: platform, CPU count, Python, ONNX Runtime (and providers)."""
     import onnxruntime as ort
 
-    return {
+    info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
-        "providers": list(embedder.runner.session.get_providers()),
     }
+    if providers is not None:
+        info["providers"] = list(providers)
+    return info
 
 
 def _reference_spec(spec: str | None, manifest) -> str | None:
@@ -162,10 +165,13 @@ def _reference_spec(spec: str | None, manifest) -> str | None:
 class _Side:
     """One runner's embed function per (template, max_length), with an optional cache."""
 
-    def __init__(self, encode: Callable, cache: EmbeddingCache, identity: dict | None):
+    def __init__(
+        self, encode: Callable, cache: EmbeddingCache, identity: dict | None, model=None
+    ):
         self.encode = encode
         self.cache = cache
         self.identity = identity
+        self.model = model  # the reference embedder, for the latency runs
 
     def embed(self, template, max_length: int | None = None, batch_size: int = 32) -> Embed:
         def run(texts: Sequence[str]) -> np.ndarray:
@@ -205,9 +211,7 @@ def _load_reference(spec: str, embedder, config: ValidateConfig) -> _Side:
             show_progress=True,
         )
 
-    side = _Side(encode, EmbeddingCache(config.cache_dir), identity)
-    side.model = ref  # type: ignore[attr-defined]
-    return side
+    return _Side(encode, EmbeddingCache(config.cache_dir), identity, model=ref)
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float:
@@ -432,7 +436,7 @@ def validate(
         lc = config.latency
         runners = {"artifact": lambda t: emb.encode(t, batch_size=lc.batch_size)}
         if ref is not None:
-            model = ref.model  # type: ignore[attr-defined]
+            model = ref.model
             runners["reference"] = lambda t: model.encode(
                 t, default, pooling=emb.pooling, batch_size=lc.batch_size
             )
@@ -447,7 +451,7 @@ def validate(
         reference=ref_spec,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         seconds=time.perf_counter() - t_start,
-        machine=_machine(emb),
+        machine=machine_info(emb.runner.session.get_providers()),
         agreement=agreement,
         scores=tuple(scores),
         latency=tuple(latency),
