@@ -145,11 +145,24 @@ def test_int8_static_structure(tiny_artifact, tmp_path):
     assert q.mean_cosine > 0.99
     emb = Embedder.load(art.path).encode(["hello world", "kids play"])
     assert emb.shape == (2, 32) and np.isfinite(emb).all()
-    u8 = quantize(tiny_artifact.path, tmp_path / "u8", Int8StaticConfig(activations="uint8"), SMALL)
-    acts = [i for i in onnx.load(str(u8.model_path)).graph.initializer if "act_zero" in i.name]
+    assert q.settings["reduce_range"] is False  # int8 activations: never the u8 x s8 kernel
+    # uint8 activations on the same grid, 7-bit weights on both sides: the fused u8 x s8 kernel
+    # (exact on every CPU with 7-bit weights) against the float-emulated int8 Q/DQ graph
+    u8 = quantize(
+        tiny_artifact.path, tmp_path / "u8",
+        Int8StaticConfig(activations="uint8", reduce_range=True), SMALL,
+    )  # fmt: skip
+    i8 = quantize(
+        tiny_artifact.path, tmp_path / "i8",
+        Int8StaticConfig(activations="int8", reduce_range=True), SMALL,
+    )  # fmt: skip
+    u8_inits = {i.name: i for i in onnx.load(str(u8.model_path)).graph.initializer}
+    acts = [i for name, i in u8_inits.items() if "act_zero" in name]
     assert len(acts) == 8 and all(numpy_helper.to_array(i).item() == 128 for i in acts)
     assert acts[0].data_type == onnx.TensorProto.UINT8
-    assert abs(u8.manifest.quantization.mean_cosine - q.mean_cosine) < 1e-3  # same grid, shifted
+    w7 = numpy_helper.to_array(u8_inits["base.layers.0.mlp.up_proj.weight_int8"])
+    assert np.abs(w7).max() == 63 and u8.manifest.quantization.settings["reduce_range"] is True
+    assert abs(u8.manifest.quantization.mean_cosine - i8.manifest.quantization.mean_cosine) < 1e-3
 
 
 def test_static_calibrators_on_known_data():
@@ -327,7 +340,8 @@ def test_real_model_int8_and_int4(smollm2_artifact, tmp_path):
 
     Measured here (64 calibration texts): INT8 mean cosine 0.9954 at 0.41x size; 4-bit HQQ 0.9990
     at 0.19x (HQQ re-finds the Q4_1 grid of the bundled checkpoint for the linear layers; the
-    4-bit RTN embedding table costs most of the rest).
+    4-bit RTN embedding table costs most of the rest). INT8 decides ``reduce_range`` from this
+    CPU: with 8-bit weights on an AVX2-only CPU the mean cosine here was 0.969 (saturation).
     """
     opts = QuantizeOptions(calibration=CalibrationConfig(path=STSB_DEV, samples=24, seed=3))
     texts = read_texts_any(STSB_DEV)[-40:]
@@ -402,3 +416,64 @@ def test_ort_preprocess_accepts_the_exported_graph(tiny_artifact, tmp_path):
     before = ort.InferenceSession(str(tiny_artifact.model_path)).run(None, feed)[0]
     after = ort.InferenceSession(str(out)).run(None, feed)[0]
     np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+def test_reduce_range_follows_the_cpu(tmp_path, monkeypatch):
+    """7-bit INT8 weights where ONNX Runtime's u8 x s8 kernels saturate (x86-64 without VNNI)."""
+    from echoembed.calibration.recipes import resolve_recipe
+    from echoembed.runtime import cpu
+
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(cpu, "CPUINFO", info)
+
+    def fake(machine: str, flags: str | None):
+        cpu.u8s8_saturates.cache_clear()
+        monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+        if flags is None:
+            info.unlink(missing_ok=True)
+        else:
+            info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+
+    try:
+        fake("x86_64", "fpu sse2 avx avx2 fma")
+        assert cpu.u8s8_saturates()
+        assert resolve_recipe(Int8DynamicConfig()).reduce_range is True
+        assert resolve_recipe(Int8StaticConfig(activations="uint8")).reduce_range is True
+        assert resolve_recipe(Int8StaticConfig(activations="int8")).reduce_range is False
+        assert resolve_recipe(Int8DynamicConfig(reduce_range=False)).reduce_range is False
+        fake("x86_64", "avx2 avx512f avx512bw avx512_vnni")
+        assert not cpu.u8s8_saturates()
+        assert resolve_recipe(Int8DynamicConfig()).reduce_range is False
+        fake("x86_64", "avx2 avx_vnni")
+        assert not cpu.u8s8_saturates()
+        fake("x86_64", None)  # flags unreadable: assume the worst
+        assert cpu.u8s8_saturates()
+        fake("aarch64", None)
+        assert not cpu.u8s8_saturates()
+        hqq = Int4WeightOnlyConfig()
+        assert resolve_recipe(hqq) is hqq
+    finally:
+        cpu.u8s8_saturates.cache_clear()
+    with pytest.raises(UserError, match="applies to: int8-dynamic, int8-static"):
+        recipe_from_name("int4-hqq", reduce_range=True)
+
+
+def test_saturating_cpu_warns_on_8bit_int8(tiny_artifact, tmp_path, monkeypatch, caplog):
+    from echoembed.runtime import embedder
+
+    tiny = tiny_artifact.path
+    full = quantize(tiny, tmp_path / "w8", Int8DynamicConfig(reduce_range=False), SMALL)
+    seven = quantize(tiny, tmp_path / "w7", Int8DynamicConfig(reduce_range=True), SMALL)
+    for saturates, path, warned in (
+        (True, full.path, True),
+        (True, seven.path, False),
+        (False, full.path, False),
+        (True, tiny_artifact.path, False),  # fp32
+    ):
+        monkeypatch.setattr(embedder, "u8s8_saturates", lambda s=saturates: s)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="echoembed.runtime.embedder"):
+            Embedder.load(path)
+        assert ("no VNNI" in caplog.text) is warned, (saturates, path)
+        if warned:
+            assert "--reduce-range" in caplog.text

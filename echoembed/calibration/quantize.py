@@ -45,6 +45,7 @@ from echoembed.calibration.recipes import (
     Int8StaticConfig,
     QuantizeOptions,
     RecipeConfig,
+    resolve_recipe,
     settings_of,
 )
 from echoembed.calibration.smooth import mlp_pairs, norm_groups, smooth_mlp, smooth_norm_inputs
@@ -140,6 +141,7 @@ def _apply(prep: Prepared, config: RecipeConfig, excluded: tuple[str, ...], out:
                 str(prep.float_path),
                 str(out),
                 per_channel=config.per_channel,
+                reduce_range=bool(config.reduce_range),
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=["MatMul", "Gemm"],
                 nodes_to_quantize=quantizable,
@@ -150,7 +152,10 @@ def _apply(prep: Prepared, config: RecipeConfig, excluded: tuple[str, ...], out:
     elif isinstance(config, Int8StaticConfig):
         model = onnx.load(str(prep.float_path))
         nodes = [prep.linear[n] for n in quantizable]
-        insert_qdq(model, nodes, prep.ranges, config.per_channel, config.activations)
+        insert_qdq(
+            model, nodes, prep.ranges, config.per_channel, config.activations,
+            weight_max=63 if config.reduce_range else 127,
+        )  # fmt: skip
         _save(model, out)
     else:
         model = _int4(prep, config, quantizable, excluded)
@@ -404,6 +409,7 @@ def quantize(
             + ", ".join(t.__name__ for t in RECIPE_TYPES)
             + f"; got {type(config).__name__}"
         )
+    config = resolve_recipe(config)
     options = options or QuantizeOptions()
     onnx = require("onnx", "export")
     parent_dir, out = Path(artifact_dir), Path(out_dir)
@@ -523,6 +529,7 @@ def quantize_or_reuse(
 ) -> tuple[Artifact, bool]:
     """Reuse ``out_dir`` when it verifies and was made from this parent with this recipe and
     settings; otherwise quantize (replacing it). Returns (artifact, reused)."""
+    config = resolve_recipe(config)
     options = options or QuantizeOptions()
     parent = read_manifest(artifact_dir)
     out = Path(out_dir)

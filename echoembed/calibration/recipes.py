@@ -17,11 +17,15 @@ class Int8DynamicConfig:
 
     ``smooth_alpha``: SmoothQuant the MLP down projections first (None: off).
     ``exclude``: linear node names (or fnmatch patterns, e.g. ``*.down_proj/*``) kept in fp32.
+    ``reduce_range``: 7-bit weights (|q| <= 63), which ONNX Runtime's u8 x s8 kernels need on
+    x86-64 CPUs without VNNI, where 8-bit weights saturate (``echoembed.runtime.cpu``); None
+    decides from the CPU that quantizes (see ``resolve_recipe``).
     """
 
     per_channel: bool = True
     smooth_alpha: float | None = 0.7
     exclude: tuple[str, ...] = ()
+    reduce_range: bool | None = None
 
     recipe = "int8-dynamic"
 
@@ -38,6 +42,8 @@ class Int8StaticConfig:
     ``method``: ``minmax``, ``percentile`` (of |x|, ``percentile``) or ``entropy`` (KL).
     ``activations``: ``int8`` (zero point 0, for TensorRT) or ``uint8`` (zero point 128, the same
     symmetric grid, which ONNX Runtime's CPU provider fuses; with int8 it runs at fp32 speed).
+    ``reduce_range``: 7-bit weights, as for ``Int8DynamicConfig``; it matters for ``uint8``
+    activations only (the fused u8 x s8 kernel); None decides from the CPU that quantizes.
     """
 
     method: Literal["minmax", "percentile", "entropy"] = "minmax"
@@ -46,6 +52,7 @@ class Int8StaticConfig:
     per_channel: bool = True
     smooth_alpha: float | None = 0.7
     exclude: tuple[str, ...] = ()
+    reduce_range: bool | None = None
 
     recipe = "int8-static"
 
@@ -177,6 +184,23 @@ def recipe_from_name(name: str, **overrides: Any) -> RecipeConfig:
                 f"{', '.join(takes) or 'none'})"
             )
     return dataclasses.replace(config, **changes)
+
+
+def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
+    """The config with every "decide here" setting decided, as the manifest records it.
+
+    ``reduce_range=None`` becomes True where this CPU's u8 x s8 kernels saturate with 8-bit
+    weights (x86-64 without VNNI), and for INT8 static with int8 activations False (ONNX Runtime
+    runs those Q/DQ pairs in float; TensorRT uses int8 x int8).
+    """
+    if not isinstance(config, (Int8DynamicConfig, Int8StaticConfig)):
+        return config
+    if config.reduce_range is not None:
+        return config
+    from echoembed.runtime.cpu import u8s8_saturates
+
+    u8 = isinstance(config, Int8DynamicConfig) or config.activations == "uint8"
+    return dataclasses.replace(config, reduce_range=u8 and u8s8_saturates())
 
 
 def _field_names(config: RecipeConfig) -> set[str]:

@@ -84,6 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         smooth_alpha=args.smooth_alpha,
         per_channel=False if args.per_tensor else None,
         activations=args.activations,
+        reduce_range=args.reduce_range,
     )
     if args.no_smooth:
         if not hasattr(config, "smooth_alpha"):
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-alpha", type=float, default=None, help="INT8 SmoothQuant alpha")
     p.add_argument("--no-smooth", action="store_true", help="INT8 without SmoothQuant")
     p.add_argument("--per-tensor", action="store_true", help="INT8 weights per tensor")
+    p.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="INT8 7-bit weights, exact on CPUs without VNNI (default: decided from this CPU)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.set_defaults(func=cmd_quantize)
 

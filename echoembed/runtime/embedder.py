@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ from echoembed.echo import (
     get_template,
 )
 from echoembed.errors import ArtifactError
+from echoembed.runtime.cpu import u8s8_saturates
 from echoembed.runtime.manifest import (
     TOKENIZER_NAME,
     Manifest,
@@ -26,6 +28,8 @@ from echoembed.runtime.manifest import (
     verify_files,
 )
 from echoembed.runtime.ort import OrtRunner, ProviderSpec
+
+log = logging.getLogger(__name__)
 
 
 def _load_tokenizer(path: Path):
@@ -40,6 +44,25 @@ def _load_tokenizer(path: Path):
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise ArtifactError(f"{path} is not a valid tokenizer file: {e}") from e
+
+
+def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]) -> None:
+    """Warn when an INT8 artifact with 8-bit weights runs on a CPU whose u8 x s8 kernels saturate
+    (x86-64 without VNNI; see ``echoembed.runtime.cpu``): its embeddings lose accuracy there."""
+    q = manifest.quantization
+    if q is None or not active or active[0] != "CPUExecutionProvider":
+        return
+    u8 = q.recipe == "int8-dynamic" or (
+        q.recipe == "int8-static" and q.settings.get("activations") == "uint8"
+    )
+    if u8 and not q.settings.get("reduce_range") and u8s8_saturates():
+        log.warning(
+            "%s has 8-bit INT8 weights, and this CPU has no VNNI: ONNX Runtime's u8 x s8 kernels "
+            "saturate here and the embeddings lose accuracy (measured on SmolLM2: mean cosine "
+            "0.981 instead of 0.993). Re-quantize on this machine, or with "
+            "`echoembed quantize --reduce-range`, to get 7-bit weights that are exact everywhere",
+            root,
+        )
 
 
 class Embedder:
@@ -74,6 +97,7 @@ class Embedder:
         runner = OrtRunner(
             model_path, manifest.outputs[0].name, providers=providers, threads=threads
         )
+        _check_integer_kernels(root, manifest, runner.providers)
         return cls(root, manifest, tokenizer, runner)
 
     @property

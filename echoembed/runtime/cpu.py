@@ -1,0 +1,45 @@
+"""What this CPU means for ONNX Runtime's integer kernels (pure Python, no dependencies).
+
+ONNX Runtime's CPU GEMM for uint8 activations x int8 weights (``MatMulInteger``,
+``DynamicQuantizeMatMul``, ``MatMulIntegerToFloat``: what INT8 dynamic and uint8 static QDQ
+artifacts run) uses ``vpmaddubsw`` on x86-64 CPUs without VNNI (AVX2, AVX-512 without VNNI). That
+instruction adds two u8 x s8 products into a *saturating* int16: with 8-bit weights
+(|q| <= 127) two products can reach 2 x 255 x 127 = 64770 > 32767 and are clipped. VNNI
+(``vpdpbusd``) accumulates in int32 and never saturates; Arm kernels widen first. 7-bit weights
+(|q| <= 63, ONNX Runtime's ``reduce_range``) keep every pair below 32767 on every CPU.
+Measured on SmolLM2 (STS-B dev texts, AMD EPYC with AVX2 only): see the README's calibration
+section.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The first processor's flags, or None where /proc/cpuinfo is not readable (not Linux)."""
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_saturates() -> bool:
+    """True where ONNX Runtime's u8 x s8 CPU kernels can saturate with 8-bit weights: x86-64
+    without VNNI, and x86-64 whose flags cannot be read (assumed, to be safe)."""
+    if platform.machine().lower() not in X86:
+        return False
+    flags = cpu_flags()
+    return flags is None or not (flags & VNNI_FLAGS)
