@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from echoembed.cli.main import main
+from echoembed.runtime import read_manifest
 
 
 def test_embed_writes_npy(tiny_llama_dir, tmp_path, capsys):
@@ -156,3 +157,9 @@ def test_quantize_cli(tiny_artifact, tmp_path, capsys):
     )
     assert rc == 2 and "misses the budget" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    base = ["quantize", str(tiny_artifact.path), "--samples", "8"]
+    rc = main(base[:2] + [str(tmp_path / "x"), *base[2:], "--recipe", "int4-rtn", "--reduce-range"])
+    assert rc == 2 and "has no setting 'reduce_range'" in capsys.readouterr().err
+    rc = main(base[:2] + [str(tmp_path / "w8"), *base[2:], "--recipe", "int8-dynamic",
+                          "--no-reduce-range"])  # fmt: skip
+    assert rc == 0 and read_manifest(tmp_path / "w8").quantization.settings["reduce_range"] is False
