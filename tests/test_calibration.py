@@ -432,7 +432,9 @@ def test_reduce_range_follows_the_cpu(tmp_path, monkeypatch):
         if flags is None:
             info.unlink(missing_ok=True)
         else:
-            info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+            info.write_text(
+                f"processor\t: 0\nmodel name\t: Test CPU 9\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+            )
 
     try:
         fake("x86_64", "fpu sse2 avx avx2 fma")
@@ -446,8 +448,10 @@ def test_reduce_range_follows_the_cpu(tmp_path, monkeypatch):
         assert resolve_recipe(Int8DynamicConfig()).reduce_range is False
         fake("x86_64", "avx2 avx_vnni")
         assert not cpu.u8s8_saturates()
+        assert cpu.cpu_model() == "Test CPU 9"
         fake("x86_64", None)  # flags unreadable: assume the worst
         assert cpu.u8s8_saturates()
+        assert cpu.cpu_model() is None
         fake("aarch64", None)
         assert not cpu.u8s8_saturates()
         hqq = Int4WeightOnlyConfig()

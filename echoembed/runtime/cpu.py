@@ -22,17 +22,28 @@ X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags() -> frozenset[str] | None:
-    """The first processor's flags, or None where /proc/cpuinfo is not readable (not Linux)."""
+def _cpuinfo_value(key: str) -> str | None:
+    """The first processor's ``key`` line in /proc/cpuinfo, or None (not Linux, no such key)."""
     try:
         text = CPUINFO.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
+        k, _, value = line.partition(":")
+        if k.strip() == key:
+            return value.strip()
     return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's marketing name (``model name``), for reports; None where unknown."""
+    return _cpuinfo_value("model name")
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The first processor's flags, or None where /proc/cpuinfo is not readable (not Linux)."""
+    flags = _cpuinfo_value("flags")
+    return None if flags is None else frozenset(flags.split())
 
 
 @functools.lru_cache(maxsize=1)

@@ -137,9 +137,13 @@ def machine_info(providers: Sequence[str] | None = None) -> dict:
     """Where a measurement ran: platform, CPU count, Python, ONNX Runtime (and providers)."""
     import onnxruntime as ort
 
+    from echoembed.runtime.cpu import cpu_model, u8s8_saturates
+
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "int8_u8s8_saturates": u8s8_saturates(),  # no VNNI: INT8 artifacts need 7-bit weights
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
