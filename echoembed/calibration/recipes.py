@@ -17,7 +17,7 @@ class Int8DynamicConfig:
 
     ``smooth_alpha``: SmoothQuant the MLP down projections first (None: off).
     ``exclude``: linear node names (or fnmatch patterns, e.g. ``*.down_proj/*``) kept in fp32.
-    ``reduce_range``: 7-bit weights (|q| <= 63), which ONNX Runtime's u8 x s8 kernels need on
+    ``reduce_range``: 7-bit weights (|q| <= 64), which ONNX Runtime's u8 x s8 kernels need on
     x86-64 CPUs without VNNI, where 8-bit weights saturate (``echoembed.runtime.cpu``); None
     decides from the CPU that quantizes (see ``resolve_recipe``).
     """

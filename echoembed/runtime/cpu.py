@@ -6,7 +6,8 @@ artifacts run) uses ``vpmaddubsw`` on x86-64 CPUs without VNNI (AVX2, AVX-512 wi
 instruction adds two u8 x s8 products into a *saturating* int16: with 8-bit weights
 (|q| <= 127) two products can reach 2 x 255 x 127 = 64770 > 32767 and are clipped. VNNI
 (``vpdpbusd``) accumulates in int32 and never saturates; Arm kernels widen first. 7-bit weights
-(|q| <= 63, ONNX Runtime's ``reduce_range``) keep every pair below 32767 on every CPU.
+(|q| <= 64 in ONNX Runtime's ``reduce_range``, 63 in echoembed's static QDQ: 2 x 255 x 64 =
+32640) keep every pair below 32767 on every CPU.
 Measured on SmolLM2 (STS-B dev texts, AMD EPYC with AVX2 only): see the README's calibration
 section.
 """
