@@ -197,9 +197,9 @@ def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
         return config
     if config.reduce_range is not None:
         return config
-    from echoembed.runtime.cpu import u8s8_saturates
+    from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
 
-    u8 = isinstance(config, Int8DynamicConfig) or config.activations == "uint8"
+    u8 = runs_u8s8(config.recipe, getattr(config, "activations", None))
     return dataclasses.replace(config, reduce_range=u8 and u8s8_saturates())
 
 

@@ -47,6 +47,12 @@ def cpu_flags() -> frozenset[str] | None:
     return None if flags is None else frozenset(flags.split())
 
 
+def runs_u8s8(recipe: str, activations: str | None = None) -> bool:
+    """Whether an artifact of ``recipe`` runs the u8 x s8 integer GEMM on ONNX Runtime's CPU
+    provider: INT8 dynamic always, INT8 static with uint8 activations (int8 Q/DQ runs in float)."""
+    return recipe == "int8-dynamic" or (recipe == "int8-static" and activations == "uint8")
+
+
 @functools.lru_cache(maxsize=1)
 def u8s8_saturates() -> bool:
     """True where ONNX Runtime's u8 x s8 CPU kernels can saturate with 8-bit weights: x86-64

@@ -20,7 +20,7 @@ from echoembed.echo import (
     get_template,
 )
 from echoembed.errors import ArtifactError
-from echoembed.runtime.cpu import u8s8_saturates
+from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
 from echoembed.runtime.manifest import (
     TOKENIZER_NAME,
     Manifest,
@@ -52,15 +52,13 @@ def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]
     q = manifest.quantization
     if q is None or not active or active[0] != "CPUExecutionProvider":
         return
-    u8 = q.recipe == "int8-dynamic" or (
-        q.recipe == "int8-static" and q.settings.get("activations") == "uint8"
-    )
+    u8 = runs_u8s8(q.recipe, q.settings.get("activations"))
     if u8 and not q.settings.get("reduce_range") and u8s8_saturates():
         log.warning(
             "%s has 8-bit INT8 weights, and this CPU has no VNNI: ONNX Runtime's u8 x s8 kernels "
             "saturate here and the embeddings lose accuracy (measured on SmolLM2: mean cosine "
             "0.981 instead of 0.993). Re-quantize on this machine, or with "
-            "`echoembed quantize --reduce-range`, to get 7-bit weights that are exact everywhere",
+            "`echoembed quantize --reduce-range`, to get 7-bit weights that saturate on no CPU",
             root,
         )
 
