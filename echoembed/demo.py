@@ -11,27 +11,18 @@ same model exported to an ONNX artifact and run by the torch-free runtime.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 
 import numpy as np
 
+from echoembed.data import DemoPair, load_demo_pairs
 from echoembed.echo import Pooling
-from echoembed.errors import InternalError
 from echoembed.validation.metrics import paired_cosine
 from echoembed.validation.sts import read_sts, sts_spearman
 
 TEMPLATES = ("echo", "classical")
-
-
-@dataclass(frozen=True)
-class DemoPair:
-    label: str  # "paraphrase" or "unrelated"
-    sentence1: str
-    sentence2: str
 
 
 @dataclass(frozen=True)
@@ -95,16 +86,6 @@ class DemoResult:
     sts_path: str | None = None
     sts_pairs: int = 0
     runtime: RuntimeCheck | None = None
-
-
-def load_demo_pairs() -> list[DemoPair]:
-    """The sentence pairs shipped in the package."""
-    text = resources.files("echoembed").joinpath("data/demo_pairs.tsv").read_text("utf-8")
-    rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
-    pairs = [DemoPair(*row) for row in rows[1:]]
-    if not pairs or {p.label for p in pairs} != {"paraphrase", "unrelated"}:
-        raise InternalError("demo_pairs.tsv is damaged: reinstall echoembed")
-    return pairs
 
 
 def score_pairs(pairs: list[DemoPair], embed: Callable[[list[str]], np.ndarray]) -> TemplateScores:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from echoembed.artifact import atomic_save_npy
 from echoembed.errors import InputError
 
 
@@ -26,15 +26,5 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
 
 
 def save_npy_atomic(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write ``array`` as .npy via a temporary file + rename, so a reader never sees half a file."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    """Write ``array`` as .npy atomically (``echoembed.artifact.atomic_save_npy``)."""
+    return atomic_save_npy(path, array)

@@ -93,7 +93,7 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     assert q.smoothed[:2] == ("base.layers.0.mlp.down_proj", "base.layers.1.mlp.down_proj")
     assert "base.layers.0.mlp.gate_proj+base.layers.0.mlp.up_proj" in q.smoothed
     assert len(q.smoothed) == 2 + 4  # two MLPs, and q/k/v + gate/up in each of two layers
-    assert q.calibration_texts == 12 and q.eval_texts == 12 and q.settings["per_channel"] is True
+    assert q.calibration_texts == 12 and q.eval_texts == 12 and q.settings.per_channel is True
     assert 0.9 < q.mean_cosine <= 1.0 + 1e-6 and q.min_cosine <= q.mean_cosine
     assert read_manifest(art.path).precision == "int8-dynamic"
     assert datetime.datetime.fromisoformat(art.manifest.created) >= start, "its own creation time"
@@ -110,8 +110,8 @@ def test_int4_structure(tiny_artifact, tmp_path, algorithm):
     assert found.count("MatMulNBits") == 14
     assert found.count("GatherBlockQuantized") == 1 and "Gather" not in found, "4-bit embedding"
     q = art.manifest.quantization
-    assert q.recipe == f"int4-{algorithm}" and q.settings["block_size"] == 32
-    assert q.settings["quantize_embedding"] is True and q.mean_cosine > 0.9
+    assert q.recipe == f"int4-{algorithm}" and q.settings.block_size == 32
+    assert q.settings.quantize_embedding is True and q.mean_cosine > 0.9
 
 
 def test_int4_float_embedding(tiny_artifact, tmp_path):
@@ -140,12 +140,12 @@ def test_int8_static_structure(tiny_artifact, tmp_path):
     down = next(n for n in model.graph.node if n.name == "base.layers.1.mlp.down_proj/MatMul")
     assert not down.input[0].endswith("/dq"), "the excluded layer reads float activations"
     q = art.manifest.quantization
-    assert q.recipe == "int8-static" and q.settings["method"] == "minmax"
+    assert q.recipe == "int8-static" and q.settings.method == "minmax"
     assert q.excluded == ("base.layers.1.mlp.down_proj/MatMul",) and len(q.smoothed) == 6
     assert q.mean_cosine > 0.99
     emb = Embedder.load(art.path).encode(["hello world", "kids play"])
     assert emb.shape == (2, 32) and np.isfinite(emb).all()
-    assert q.settings["reduce_range"] is False  # int8 activations: never the u8 x s8 kernel
+    assert q.settings.reduce_range is False  # int8 activations: never the u8 x s8 kernel
     # uint8 activations on the same grid, 7-bit weights on both sides: the fused u8 x s8 kernel
     # (exact on every CPU with 7-bit weights) against the float-emulated int8 Q/DQ graph
     u8 = quantize(
@@ -161,7 +161,7 @@ def test_int8_static_structure(tiny_artifact, tmp_path):
     assert len(acts) == 8 and all(numpy_helper.to_array(i).item() == 128 for i in acts)
     assert acts[0].data_type == onnx.TensorProto.UINT8
     w7 = numpy_helper.to_array(u8_inits["base.layers.0.mlp.up_proj.weight_int8"])
-    assert np.abs(w7).max() == 63 and u8.manifest.quantization.settings["reduce_range"] is True
+    assert np.abs(w7).max() == 63 and u8.manifest.quantization.settings.reduce_range is True
     assert abs(u8.manifest.quantization.mean_cosine - i8.manifest.quantization.mean_cosine) < 1e-3
 
 
@@ -369,7 +369,7 @@ def test_quantize_or_reuse(tiny_artifact, tmp_path):
     assert reused and again.manifest == first.manifest
     other = Int4WeightOnlyConfig(algorithm="rtn", block_size=16)
     changed, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "q", other, SMALL)
-    assert not reused and changed.manifest.quantization.settings["block_size"] == 16
+    assert not reused and changed.manifest.quantization.settings.block_size == 16
     (tmp_path / "q" / "model.onnx").write_bytes(b"damaged")
     fixed, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "q", other, SMALL)
     assert not reused and Embedder.load(fixed.path).encode(["ok"]).shape == (1, 32)
@@ -395,7 +395,7 @@ def test_int4_gptq_recipe(tiny_artifact, tmp_path):
     found = ops(art.path / "model.onnx")
     assert found.count("MatMulNBits") == 13 and found.count("GatherBlockQuantized") == 1
     q = art.manifest.quantization
-    assert q.recipe == "int4-gptq" and q.settings["float_zero"] is True
+    assert q.recipe == "int4-gptq" and q.settings.float_zero is True
     assert q.excluded == ("base.layers.0.mlp.down_proj/MatMul",) and q.mean_cosine > 0.9
     with pytest.raises(UserError, match="float_zero needs asymmetric"):
         Int4WeightOnlyConfig(algorithm="gptq", symmetric=True)

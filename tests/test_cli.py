@@ -162,4 +162,4 @@ def test_quantize_cli(tiny_artifact, tmp_path, capsys):
     assert rc == 2 and "has no setting 'reduce_range'" in capsys.readouterr().err
     rc = main(base[:2] + [str(tmp_path / "w8"), *base[2:], "--recipe", "int8-dynamic",
                           "--no-reduce-range"])  # fmt: skip
-    assert rc == 0 and read_manifest(tmp_path / "w8").quantization.settings["reduce_range"] is False
+    assert rc == 0 and read_manifest(tmp_path / "w8").quantization.settings.reduce_range is False

@@ -92,7 +92,8 @@ def test_real_model_bad_input(smollm2_reference):
 
 
 def test_echo_separates_paraphrases_from_unrelated(smollm2_reference):
-    from echoembed.demo import load_demo_pairs, score_pairs
+    from echoembed.data import load_demo_pairs
+    from echoembed.demo import score_pairs
 
     pairs = load_demo_pairs()
     scores = score_pairs(pairs, lambda s: smollm2_reference.encode(s, "echo"))

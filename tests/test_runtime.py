@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from echoembed.echo import SpecialTokens
 from echoembed.errors import ArtifactError, BackendError
 from echoembed.runtime import Embedder, Manifest, read_manifest
 from echoembed.validation import read_sts
@@ -39,7 +40,7 @@ def test_real_model_parity_with_reference(smollm2_reference, runtime, dev_senten
     m = runtime.manifest
     assert m.parity.passed and m.parity.max_abs_diff <= 1e-4
     assert m.architecture == "llama" and m.hidden_size == 576 and m.source.name == "smollm2"
-    assert m.special_tokens == {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>"}
+    assert m.special_tokens == SpecialTokens("<|im_start|>", "<|im_end|>", "<|im_end|>")
 
 
 def test_other_templates_use_the_same_graph(smollm2_reference, runtime):

@@ -91,12 +91,9 @@ def read_texts_any(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _shipped_texts() -> list[str]:
-    from echoembed.demo import load_demo_pairs
-    from echoembed.exporter.parity import DEFAULT_PARITY_TEXTS
+    from echoembed.data import shipped_texts
 
-    pairs = load_demo_pairs()
-    texts = [p.sentence1 for p in pairs] + [p.sentence2 for p in pairs] + list(DEFAULT_PARITY_TEXTS)
-    return list(dict.fromkeys(texts))
+    return shipped_texts()
 
 
 def calibration_source(config: CalibrationConfig) -> str:

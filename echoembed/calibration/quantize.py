@@ -16,13 +16,26 @@ import datetime
 import fnmatch
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from echoembed.artifact import (
+    MANIFEST_NAME,
+    MODEL_FILE,
+    TOKENIZER_NAME,
+    Artifact,
+    QuantizationInfo,
+    atomic_write,
+    check_target,
+    hash_files,
+    read_manifest,
+    sha256_file,
+    staged_dir,
+    verify_files,
+)
 from echoembed.calibration.data import (
     CalibrationSet,
     FixedShapeReader,
@@ -46,7 +59,6 @@ from echoembed.calibration.recipes import (
     QuantizeOptions,
     RecipeConfig,
     resolve_recipe,
-    settings_of,
 )
 from echoembed.calibration.smooth import mlp_pairs, norm_groups, smooth_mlp, smooth_norm_inputs
 from echoembed.calibration.static import (
@@ -60,19 +72,6 @@ from echoembed.calibration.static import (
 from echoembed.echo import embed_texts
 from echoembed.errors import AccuracyBudgetError, ArtifactError, InputError, UserError, require
 from echoembed.runtime import Embedder, OrtRunner
-from echoembed.runtime.manifest import (
-    MANIFEST_NAME,
-    MODEL_FILE,
-    TOKENIZER_NAME,
-    Artifact,
-    QuantizationInfo,
-    check_target,
-    hash_files,
-    install_dir,
-    read_manifest,
-    sha256_file,
-    verify_files,
-)
 from echoembed.validation.sts import StsData, read_sts, sts_spearman
 
 log = logging.getLogger(__name__)
@@ -435,10 +434,8 @@ def quantize(
     gemm_to_matmul(model)
     linear = linear_nodes(model)
     excluded = _match(config.exclude, linear)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
-    try:
+    with staged_dir(out, force=options.force) as stage:
+        tmp, work = stage.path, stage.scratch()
         prep, smoothed = _prepare(
             model, config, linear, reader, encoder, cal, options, work, progress
         )
@@ -482,7 +479,7 @@ def quantize(
         shutil.copy2(parent_dir / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
         info = QuantizationInfo(
             recipe=config.recipe,
-            settings=settings_of(config),
+            settings=config,
             parent_sha256=sha256_file(parent_dir / parent.model_file),
             calibration_source=cal.source,
             calibration_sha256=cal.sha256,
@@ -509,13 +506,7 @@ def quantize(
             quantization=info,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
     progress(f"wrote {out}")
     return Artifact(out, manifest)
 
@@ -541,7 +532,7 @@ def quantize_or_reuse(
             same = (
                 q is not None
                 and q.recipe == config.recipe
-                and q.settings == settings_of(config)
+                and q.settings == config
                 and q.parent_sha256 == parent.files.get(parent.model_file)
                 and q.calibration_source == calibration_source(options.calibration)
             )

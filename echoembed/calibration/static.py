@@ -21,17 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from echoembed.artifact import atomic_write_json, sha256_file
 from echoembed.calibration.graph import LinearNode, probe
 from echoembed.errors import InputError, require
-from echoembed.runtime.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +79,9 @@ def read_cache(path: Path, key: CacheKey) -> dict[str, float] | None:
 
 
 def write_cache(path: Path, key: CacheKey, ranges: dict[str, float]) -> None:
-    """Write atomically: a temp file in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the cache atomically (``echoembed.artifact.atomic_write_json``)."""
     payload = {"version": CACHE_VERSION, "key": asdict(key), "ranges": ranges}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, payload, indent=1)
 
 
 def _entropy_threshold(hist: np.ndarray, width: float) -> float:

@@ -48,8 +48,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from echoembed.artifact.manifest import describe
     from echoembed.exporter import ExportConfig, ParityConfig, export
-    from echoembed.runtime.manifest import describe
 
     config = ExportConfig(
         template=args.template,
@@ -70,8 +70,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from echoembed.artifact.manifest import describe
     from echoembed.calibration import CalibrationConfig, QuantizeOptions, quantize, recipe_from_name
-    from echoembed.runtime.manifest import describe
 
     config = recipe_from_name(
         args.recipe,
@@ -106,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from echoembed.runtime.manifest import describe, read_manifest, verify_files
+    from echoembed.artifact.manifest import describe, read_manifest, verify_files
 
     manifest = read_manifest(args.artifact)
     print(describe(manifest))

@@ -13,8 +13,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +20,22 @@ from pathlib import Path
 from typing import Literal
 
 from echoembed import __version__
+from echoembed.artifact import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    TOKENIZER_NAME,
+    Artifact,
+    Manifest,
+    SourceInfo,
+    TemplateSpec,
+    TensorSpec,
+    atomic_write,
+    check_target,
+    hash_files,
+    staged_dir,
+)
 from echoembed.echo import (
     INPUT_NAMES,
     PRESETS,
@@ -35,24 +49,9 @@ from echoembed.errors import ExportError, InternalError, require
 from echoembed.exporter.architectures import get_architecture
 from echoembed.exporter.parity import ParityConfig, check_parity
 from echoembed.reference.sources import LoadedModel, ModelSource, load_model, resolve_source
-from echoembed.runtime.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    MODEL_FILE,
-    TOKENIZER_NAME,
-    Artifact,
-    Manifest,
-    SourceInfo,
-    TemplateSpec,
-    TensorSpec,
-    check_target,
-    hash_files,
-    install_dir,
-)
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAME = "embedding"
 MIN_OPSET = 17
 # fp16 graphs are compared with the fp32 reference at this tolerance (max abs diff, normalized)
 FP16_TOLERANCE = 5e-3
@@ -90,7 +89,7 @@ def _check_config(config: ExportConfig) -> Template:
 
 def source_sha256(source: ModelSource) -> str:
     """sha256 of the weights: the GGUF file, or the weight files of a HF directory combined."""
-    from echoembed.runtime.manifest import sha256_file
+    from echoembed.artifact import sha256_file
 
     if source.is_gguf:
         return sha256_file(source.path)
@@ -219,9 +218,18 @@ def _name_linear_nodes(graph) -> None:
         taken.add(name)
 
 
-def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> None:
+def opset_imports(model) -> dict[str, int]:
+    """Every operator domain a graph imports and its version (``""`` is the default domain)."""
+    return {
+        ("" if imp.domain == "ai.onnx" else imp.domain): int(imp.version)
+        for imp in model.opset_import
+    }
+
+
+def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> dict[str, int]:
     """Name the output ``embedding`` (renaming any internal value that already has the name),
-    check the graph, and save it once, with external data when needed."""
+    check the graph, and save it once, with external data when needed. Returns the graph's
+    opset imports, as saved."""
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
     graph = model.graph
@@ -256,6 +264,7 @@ def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> Non
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported graph fails onnx.checker: {str(e)[:400]}") from e
+    return opset_imports(model)
 
 
 def _versions() -> dict[str, str]:
@@ -276,6 +285,44 @@ def _templates(default: Template) -> tuple[str, tuple[TemplateSpec, ...]]:
         return default.name, tuple(specs)
     specs.append(TemplateSpec("default", default.source, dict(default.defaults)))
     return "default", tuple(specs)
+
+
+def _manifest(
+    loaded: LoadedModel,
+    config: ExportConfig,
+    template: Template,
+    root: Path,
+    imports: dict[str, int],
+    parity,
+) -> Manifest:
+    """The manifest of the artifact being built in ``root`` (every file there is hashed)."""
+    default_name, templates = _templates(template)
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        model_file=MODEL_FILE,
+        source=SourceInfo(
+            name=loaded.source.name, kind=loaded.source.kind, sha256=source_sha256(loaded.source)
+        ),
+        architecture=loaded.architecture,
+        hidden_size=loaded.hidden_size,
+        default_template=default_name,
+        templates=templates,
+        pooling=Pooling.parse(config.pooling).value,
+        normalize=config.normalize,
+        max_length=config.max_length,
+        context_length=loaded.context_length,
+        special_tokens=loaded.special,
+        precision=config.dtype,
+        opset=imports.get("", config.opset),
+        opset_imports=imports,
+        exporter=config.exporter,
+        inputs=tuple(TensorSpec(n, "int64", ("batch", "sequence")) for n in INPUT_NAMES),
+        outputs=(TensorSpec(OUTPUT_NAME, "float32", ("batch", loaded.hidden_size)),),
+        files=hash_files(root),
+        versions=_versions(),
+        parity=parity,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def export(
@@ -304,58 +351,24 @@ def export(
         loaded.special,
         EncoderConfig(template, max_length=config.max_length, context_length=loaded.context_length),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model_path = tmp / MODEL_FILE
+    with staged_dir(out, force=config.force) as stage:
+        model_path = stage.path / MODEL_FILE
         progress(
             f"tracing {arch.family} with the {config.exporter} exporter (opset {config.opset}) ..."
         )
         _trace(loaded, config, encoder, model_path)
-        _finalize_graph(model_path, external=bool(config.external_data))
-        loaded.tokenizer.save(str(tmp / TOKENIZER_NAME))
+        imports = _finalize_graph(model_path, external=bool(config.external_data))
+        loaded.tokenizer.save(str(stage.path / TOKENIZER_NAME))
         progress("checking parity against the PyTorch reference ...")
         tolerance = config.parity.tolerance
         if tolerance is None:
             tolerance = arch.parity_tolerance if config.dtype == "fp32" else FP16_TOLERANCE
-        parity = check_parity(loaded, encoder, model_path, config, tolerance)
-        default_name, templates = _templates(template)
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            model_file=MODEL_FILE,
-            source=SourceInfo(
-                name=loaded.source.name,
-                kind=loaded.source.kind,
-                sha256=source_sha256(loaded.source),
-            ),
-            architecture=loaded.architecture,
-            hidden_size=loaded.hidden_size,
-            default_template=default_name,
-            templates=templates,
-            pooling=Pooling.parse(config.pooling).value,
-            normalize=config.normalize,
-            max_length=config.max_length,
-            context_length=loaded.context_length,
-            special_tokens={
-                "bos": loaded.special.bos,
-                "eos": loaded.special.eos,
-                "pad": loaded.special.pad,
-            },
-            precision=config.dtype,
-            opset=config.opset,
-            exporter=config.exporter,
-            inputs=tuple(TensorSpec(n, "int64", ("batch", "sequence")) for n in INPUT_NAMES),
-            outputs=(TensorSpec(OUTPUT_NAME, "float32", ("batch", loaded.hidden_size)),),
-            files=hash_files(tmp),
-            versions=_versions(),
-            parity=parity,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        )
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        parity = check_parity(
+            loaded, encoder, model_path, config.parity,
+            pooling=config.pooling, tolerance=tolerance, threads=config.threads,
+        )  # fmt: skip
+        manifest = _manifest(loaded, config, template, stage.path, imports, parity)
+        atomic_write(stage.path / MANIFEST_NAME, manifest.to_json())
     progress(f"wrote {out}")
     return Artifact(out, manifest)
 
@@ -368,8 +381,8 @@ def export_or_reuse(
 ) -> tuple[Artifact, bool]:
     """Reuse the artifact at ``out_dir`` when it verifies and matches the source weights, the
     export settings and this echoembed version; otherwise export it again (replacing it)."""
+    from echoembed.artifact import read_manifest, verify_files
     from echoembed.errors import ArtifactError
-    from echoembed.runtime.manifest import read_manifest, verify_files
 
     config = config or ExportConfig()
     out = Path(out_dir)

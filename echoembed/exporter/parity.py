@@ -9,34 +9,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from echoembed.artifact import OUTPUT_NAME, ParityReport
+from echoembed.data import PARITY_TEXTS
 from echoembed.echo import EchoEncoder, Pooling, l2_normalize
 from echoembed.errors import ParityError
-from echoembed.runtime.manifest import ParityReport
 
 if TYPE_CHECKING:
-    from echoembed.exporter.export import ExportConfig
     from echoembed.reference.sources import LoadedModel
 
-DEFAULT_PARITY_TEXTS: tuple[str, ...] = (
-    "Hi.",
-    "A man is playing a guitar.",
-    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
-    "Kids play.",
-    "Echo embeddings repeat the input so every token of the second copy has seen the whole text.",
-    "What is the capital of France?",
-    "In 2019, researchers reported that the drug reduced systolic blood pressure by 12 mmHg on "
-    "average across 1,204 patients, with few side effects; larger trials are planned for the "
-    "coming years in Europe and North America, pending regulatory approval and funding.",
-    "ok",
-    "A woman slices an onion.",
-    "Stocks fell sharply.",
-)
+DEFAULT_PARITY_TEXTS = PARITY_TEXTS  # the name this module exported before echoembed.data
 
 
 @dataclass(frozen=True)
 class ParityConfig:
     batch_sizes: tuple[int, ...] = (1, 3, 8)
-    texts: tuple[str, ...] = DEFAULT_PARITY_TEXTS
+    texts: tuple[str, ...] = PARITY_TEXTS
     tolerance: float | None = None  # max abs diff of normalized embeddings; None: per architecture
 
 
@@ -44,20 +31,21 @@ def check_parity(
     loaded: LoadedModel,
     encoder: EchoEncoder,
     model_path: Path,
-    config: ExportConfig,
+    config: ParityConfig,
+    *,
+    pooling: Pooling | str,
     tolerance: float,
+    threads: int | None = None,
 ) -> ParityReport:
     """Compare the ONNX graph at ``model_path`` with the reference; raise ParityError if over."""
     from echoembed.reference import TorchRunner
     from echoembed.runtime.ort import OrtRunner
 
-    texts = list(config.parity.texts)
-    ref = TorchRunner(loaded.model, Pooling.parse(config.pooling))
-    ort = OrtRunner(
-        model_path, "embedding", providers=["CPUExecutionProvider"], threads=config.threads
-    )
+    texts = list(config.texts)
+    ref = TorchRunner(loaded.model, Pooling.parse(pooling))
+    ort = OrtRunner(model_path, OUTPUT_NAME, providers=["CPUExecutionProvider"], threads=threads)
     worst_diff, worst_cos, failures = 0.0, 1.0, []
-    for bs in config.parity.batch_sizes:
+    for bs in config.batch_sizes:
         for start in range(0, len(texts), bs):
             batch = encoder.encode(texts[start : start + bs])
             want = l2_normalize(ref.encode(batch))
@@ -82,7 +70,7 @@ def check_parity(
         max_abs_diff=worst_diff,
         min_cosine=worst_cos,
         tolerance=tolerance,
-        batch_sizes=tuple(config.parity.batch_sizes),
+        batch_sizes=tuple(config.batch_sizes),
         num_texts=len(texts),
         passed=True,
     )

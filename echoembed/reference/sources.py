@@ -13,12 +13,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from echoembed.artifact import staged_dir
 from echoembed.echo import SpecialTokens
 from echoembed.errors import ModelSourceError, require
 
@@ -204,13 +203,8 @@ def save_hf_dir(loaded: LoadedModel, out_dir: str | os.PathLike[str]) -> Path:
         plain.load_state_dict(model.state_dict())
         plain.eval()
         model = plain
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        loaded.hf_tokenizer.save_pretrained(tmp)
-        _legacy_config_keys(tmp / "config.json")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(out) as stage:
+        model.save_pretrained(stage.path)
+        loaded.hf_tokenizer.save_pretrained(stage.path)
+        _legacy_config_keys(stage.path / "config.json")
     return out

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from echoembed.runtime.embedder import Embedder
-from echoembed.runtime.manifest import (
+from echoembed.artifact import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Artifact,
@@ -15,6 +14,7 @@ from echoembed.runtime.manifest import (
     read_manifest,
     verify_files,
 )
+from echoembed.runtime.embedder import Embedder
 from echoembed.runtime.ort import OrtRunner, select_providers
 
 __all__ = [

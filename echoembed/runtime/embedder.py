@@ -10,6 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from echoembed.artifact import (
+    TOKENIZER_NAME,
+    Manifest,
+    read_manifest,
+    verify_files,
+)
 from echoembed.echo import (
     PRESETS,
     EchoEncoder,
@@ -21,12 +27,6 @@ from echoembed.echo import (
 )
 from echoembed.errors import ArtifactError
 from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
-from echoembed.runtime.manifest import (
-    TOKENIZER_NAME,
-    Manifest,
-    read_manifest,
-    verify_files,
-)
 from echoembed.runtime.ort import OrtRunner, ProviderSpec
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]
     q = manifest.quantization
     if q is None or not active or active[0] != "CPUExecutionProvider":
         return
-    u8 = runs_u8s8(q.recipe, q.settings.get("activations"))
-    if u8 and not q.settings.get("reduce_range") and u8s8_saturates():
+    u8 = runs_u8s8(q.recipe, getattr(q.settings, "activations", None))
+    if u8 and not getattr(q.settings, "reduce_range", False) and u8s8_saturates():
         log.warning(
             "%s has 8-bit INT8 weights, and this CPU has no VNNI: ONNX Runtime's u8 x s8 kernels "
             "saturate here and the embeddings lose accuracy (measured on SmolLM2: mean cosine "
@@ -71,7 +71,7 @@ class Embedder:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.runner = runner
-        self.special = SpecialTokens(**manifest.special_tokens)
+        self.special: SpecialTokens = manifest.special_tokens
         self._encoders: dict[tuple, EchoEncoder] = {}
         self._lock = threading.Lock()
 
@@ -93,7 +93,7 @@ class Embedder:
         if not model_path.is_file():
             raise ArtifactError(f"{root}: model file {manifest.model_file} is missing")
         runner = OrtRunner(
-            model_path, manifest.outputs[0].name, providers=providers, threads=threads
+            model_path, manifest.output_name, providers=providers, threads=threads
         )
         _check_integer_kernels(root, manifest, runner.providers)
         return cls(root, manifest, tokenizer, runner)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from echoembed.artifact import OUTPUT_NAME
 from echoembed.echo import EncodedBatch
 from echoembed.errors import ArtifactError, BackendError
 
@@ -76,7 +77,7 @@ class OrtRunner:
     def __init__(
         self,
         model_path: str | os.PathLike[str],
-        output_name: str = "embedding",
+        output_name: str = OUTPUT_NAME,
         providers: Sequence[ProviderSpec] | None = None,
         threads: int | None = None,
     ):

@@ -1,6 +1,9 @@
 """The artifact contract: one frozen dataclass, written as ``manifest.json`` beside the model.
 
-stdlib only (plus echoembed.errors), so every stage and the runtime can read it.
+Format 2 (this release) adds ``opset_imports`` (every operator domain the saved graph imports,
+read from the graph) and types ``special_tokens`` (``SpecialTokens``) and
+``quantization.settings`` (the recipe's own frozen config). Format-1 manifests still load.
+No torch, no onnx: every stage and the runtime read it.
 """
 
 from __future__ import annotations
@@ -9,17 +12,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from echoembed.artifact.recipes import RecipeConfig, recipe_from_settings, settings_of
+from echoembed.echo.encode import SpecialTokens
 from echoembed.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 MODEL_FILE = "model.onnx"
+OUTPUT_NAME = "embedding"  # the pooled embedding, the graph's one output
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class QuantizationInfo:
     """How a quantized artifact was derived from its fp32 parent, and what it cost in accuracy."""
 
     recipe: str  # e.g. int8-dynamic, int4-hqq
-    settings: dict[str, Any]  # the typed recipe config, as JSON
+    settings: RecipeConfig  # the recipe's own frozen config, as applied to the graph
     parent_sha256: str  # sha256 of the fp32 parent's model file
     calibration_source: str
     calibration_sha256: str
@@ -101,9 +107,9 @@ class Manifest:
     normalize: bool
     max_length: int | None
     context_length: int | None
-    special_tokens: dict[str, str | None]
+    special_tokens: SpecialTokens
     precision: str
-    opset: int
+    opset: int  # the default ("ai.onnx") domain's opset the saved graph imports
     exporter: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -112,12 +118,24 @@ class Manifest:
     parity: ParityReport | None = None
     created: str = ""
     quantization: QuantizationInfo | None = None
+    opset_imports: dict[str, int] = field(default_factory=dict)  # domain -> version ("" = ai.onnx)
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
 
+    @property
+    def output_name(self) -> str:
+        """The graph output a runner fetches (``embedding``)."""
+        return self.outputs[0].name
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.quantization is not None:  # asdict keeps tuples; JSON wants lists either way
+            d["quantization"]["settings"] = settings_of(self.quantization.settings)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
@@ -133,8 +151,12 @@ class Manifest:
                 f"{where}: artifact format version {version} is newer than this echoembed "
                 f"understands ({FORMAT_VERSION}); upgrade echoembed (pip install -U echoembed)"
             )
+        if version not in READABLE_FORMATS:
+            raise ArtifactError(f"{where}: unknown artifact format version {version}; re-export")
         try:
             d = dict(data)
+            d["format_version"] = FORMAT_VERSION  # read as the current format
+            d["special_tokens"] = SpecialTokens(**d["special_tokens"])
             d["source"] = SourceInfo(**d["source"])
             d["templates"] = tuple(TemplateSpec(**t) for t in d["templates"])
             d["inputs"] = tuple(
@@ -151,9 +173,13 @@ class Manifest:
                 q = dict(d["quantization"])
                 q["excluded"] = tuple(q["excluded"])
                 q["smoothed"] = tuple(q["smoothed"])
+                q["settings"] = recipe_from_settings(q["recipe"], q["settings"])
                 d["quantization"] = QuantizationInfo(**q)
+            if version == 1:  # format 1 recorded the requested opset only
+                d.setdefault("opset_imports", {"": d["opset"]})
+            d["opset_imports"] = {str(k): int(v) for k, v in d.get("opset_imports", {}).items()}
             return cls(**d)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
 
 
@@ -229,6 +255,8 @@ def describe(manifest: Manifest) -> str:
         f"source           {m.source.name} ({m.source.kind}, sha256 {m.source.sha256[:16]}...)",
         f"architecture     {m.architecture}, hidden size {m.hidden_size}",
         f"precision        {m.precision}, opset {m.opset}, exporter {m.exporter}",
+        "opset imports    "
+        + ", ".join(f"{k or 'ai.onnx'} {v}" for k, v in sorted(m.opset_imports.items())),
         f"pooling          {m.pooling}, normalize {m.normalize}",
         f"template         {m.default_template} (default); available: "
         + ", ".join(t.name for t in m.templates),
@@ -265,29 +293,3 @@ def describe(manifest: Manifest) -> str:
             )
     lines.append(f"created          {m.created}")
     return "\n".join(lines)
-
-
-def check_target(out: Path, force: bool) -> None:
-    """Refuse to overwrite an existing artifact unless forced."""
-    if out.exists() and not force:
-        raise ArtifactError(
-            f"{out} already exists; choose another path or pass --force to replace it"
-        )
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a directory; remove it first")
-
-
-def install_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory to ``out`` (replacing an old artifact) by renames."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
