@@ -195,6 +195,15 @@ class Artifact:
         return self.path / self.manifest.model_file
 
 
+def graph_opset_imports(model) -> dict[str, int]:
+    """Every operator domain an ``onnx.ModelProto`` imports, with its version (``""`` is the
+    default domain), as a manifest records it. Reads the proto; does not import onnx."""
+    return {
+        ("" if imp.domain == "ai.onnx" else imp.domain): int(imp.version)
+        for imp in model.opset_import
+    }
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

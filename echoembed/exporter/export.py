@@ -33,6 +33,7 @@ from echoembed.artifact import (
     TensorSpec,
     atomic_write,
     check_target,
+    graph_opset_imports,
     hash_files,
     staged_dir,
 )
@@ -218,14 +219,6 @@ def _name_linear_nodes(graph) -> None:
         taken.add(name)
 
 
-def opset_imports(model) -> dict[str, int]:
-    """Every operator domain a graph imports and its version (``""`` is the default domain)."""
-    return {
-        ("" if imp.domain == "ai.onnx" else imp.domain): int(imp.version)
-        for imp in model.opset_import
-    }
-
-
 def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> dict[str, int]:
     """Name the output ``embedding`` (renaming any internal value that already has the name),
     check the graph, and save it once, with external data when needed. Returns the graph's
@@ -264,7 +257,7 @@ def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> dic
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported graph fails onnx.checker: {str(e)[:400]}") from e
-    return opset_imports(model)
+    return graph_opset_imports(model)
 
 
 def _versions() -> dict[str, str]:
