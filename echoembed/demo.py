@@ -192,70 +192,72 @@ def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> R
     )
 
 
-def format_demo(result: DemoResult) -> str:
-    """A plain-text report of a demo run."""
+_WIDTH = 78
+
+
+def _row(label: str, values: list[str]) -> str:
+    return f"{label:<{_WIDTH}} " + " ".join(f"{v:>9}" for v in values)
+
+
+def _format_pairs(result: DemoResult) -> list[str]:
+    """Cosine per pair under each template, then the per-template summary rows."""
     names = list(result.scores)
-    width = 78
     lines = [f"echo vs classical embeddings, model {result.model}, mean pooling", ""]
-    lines.append(f"{'pair':<{width}} " + " ".join(f"{n:>9}" for n in names))
+    lines.append(_row("pair", names))
     for i, p in enumerate(result.pairs):
         pair = f"[{p.label[:4]}] {p.sentence1} | {p.sentence2}"
-        if len(pair) > width:
-            pair = pair[: width - 3] + "..."
-        lines.append(
-            f"{pair:<{width}} " + " ".join(f"{result.scores[n].cosines[i]:9.3f}" for n in names)
-        )
+        if len(pair) > _WIDTH:
+            pair = pair[: _WIDTH - 3] + "..."
+        lines.append(_row(pair, [f"{result.scores[n].cosines[i]:.3f}" for n in names]))
     lines.append("")
-
-    def row(label: str, values: list[str]) -> str:
-        return f"{label:<{width}} " + " ".join(f"{v:>9}" for v in values)
-
     s = [result.scores[n] for n in names]
-    lines.append(row("mean cosine, paraphrases", [f"{x.paraphrase_mean:.3f}" for x in s]))
-    lines.append(row("mean cosine, unrelated", [f"{x.unrelated_mean:.3f}" for x in s]))
-    lines.append(
-        row(
-            "gap (paraphrase - unrelated)",
-            [f"{x.paraphrase_mean - x.unrelated_mean:.3f}" for x in s],
-        )
-    )
-    lines.append(
-        row("paraphrase ranked above unrelated", [f"{100 * x.ranking_accuracy:.1f}%" for x in s])
-    )
+    lines.append(_row("mean cosine, paraphrases", [f"{x.paraphrase_mean:.3f}" for x in s]))
+    lines.append(_row("mean cosine, unrelated", [f"{x.unrelated_mean:.3f}" for x in s]))
+    gaps = [f"{x.paraphrase_mean - x.unrelated_mean:.3f}" for x in s]
+    lines.append(_row("gap (paraphrase - unrelated)", gaps))
+    ranked = [f"{100 * x.ranking_accuracy:.1f}%" for x in s]
+    lines.append(_row("paraphrase ranked above unrelated", ranked))
     if result.sts_path:
+        label = f"STS Spearman x100 ({os.path.basename(result.sts_path)}, {result.sts_pairs} pairs)"
+        lines.append(_row(label, [f"{x.sts_spearman:.2f}" for x in s]))
+    return lines
+
+
+def _format_runtime(rt: RuntimeCheck) -> list[str]:
+    """The artifact's parity and speed, then each quantized variant beside fp32."""
+    how = "reused" if rt.reused else "exported"
+    lines = [
+        "",
+        f"ONNX artifact ({how}): {rt.artifact}",
+        f"  runtime (onnxruntime fp32) vs reference (PyTorch fp32), echo template, "
+        f"{rt.texts} texts:",
+        f"  parity: max abs diff {rt.max_abs_diff:.2e}, min cosine {rt.min_cosine:.7f}",
+        f"  speed at batch {rt.batch_size}: reference {rt.reference_texts_per_s:.1f} texts/s, "
+        f"runtime {rt.runtime_texts_per_s:.1f} texts/s, ratio {rt.speed_ratio:.2f}x "
+        "(median of interleaved runs, one process)",
+    ]
+    if len(rt.variants) <= 1:
+        return lines
+    fp32_mb = rt.variants[0].file_mb
+    lines += [
+        "",
+        "  artifacts vs the PyTorch fp32 reference (same texts, same run):",
+        f"  {'variant':<20} {'file MB':>8} {'size':>6} {'mean cos':>9} {'min cos':>9} "
+        f"{'texts/s':>8} {'vs PyTorch':>10}",
+    ]
+    for v in rt.variants:
         lines.append(
-            row(
-                f"STS Spearman x100 ({os.path.basename(result.sts_path)}, "
-                f"{result.sts_pairs} pairs)",
-                [f"{x.sts_spearman:.2f}" for x in s],
-            )
+            f"  {v.name:<20} {v.file_mb:8.1f} {v.file_mb / fp32_mb:5.2f}x "
+            f"{v.mean_cosine:9.5f} {v.min_cosine:9.5f} {v.texts_per_s:8.1f} "
+            f"{v.texts_per_s / rt.reference_texts_per_s:9.2f}x"
+            + ("  (reused)" if v.reused else "")
         )
-    rt = result.runtime
-    if rt is not None:
-        how = "reused" if rt.reused else "exported"
-        lines += [
-            "",
-            f"ONNX artifact ({how}): {rt.artifact}",
-            f"  runtime (onnxruntime fp32) vs reference (PyTorch fp32), echo template, "
-            f"{rt.texts} texts:",
-            f"  parity: max abs diff {rt.max_abs_diff:.2e}, min cosine {rt.min_cosine:.7f}",
-            f"  speed at batch {rt.batch_size}: reference {rt.reference_texts_per_s:.1f} texts/s, "
-            f"runtime {rt.runtime_texts_per_s:.1f} texts/s, ratio {rt.speed_ratio:.2f}x "
-            "(median of interleaved runs, one process)",
-        ]
-        if len(rt.variants) > 1:
-            fp32_mb = rt.variants[0].file_mb
-            lines += [
-                "",
-                "  artifacts vs the PyTorch fp32 reference (same texts, same run):",
-                f"  {'variant':<20} {'file MB':>8} {'size':>6} {'mean cos':>9} {'min cos':>9} "
-                f"{'texts/s':>8} {'vs PyTorch':>10}",
-            ]
-            for v in rt.variants:
-                lines.append(
-                    f"  {v.name:<20} {v.file_mb:8.1f} {v.file_mb / fp32_mb:5.2f}x "
-                    f"{v.mean_cosine:9.5f} {v.min_cosine:9.5f} {v.texts_per_s:8.1f} "
-                    f"{v.texts_per_s / rt.reference_texts_per_s:9.2f}x"
-                    + ("  (reused)" if v.reused else "")
-                )
+    return lines
+
+
+def format_demo(result: DemoResult) -> str:
+    """A plain-text report of a demo run."""
+    lines = _format_pairs(result)
+    if result.runtime is not None:
+        lines += _format_runtime(result.runtime)
     return "\n".join(lines)

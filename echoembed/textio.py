@@ -1,13 +1,10 @@
-"""Small file helpers shared by the CLI and benchmarks: text lists in, arrays out (atomically)."""
+"""Text lists in: one text per line (arrays go out via ``echoembed.artifact.atomic_save_npy``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
-
-from echoembed.artifact import atomic_save_npy
 from echoembed.errors import InputError
 
 
@@ -23,8 +20,3 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
     if not texts:
         raise InputError(f"{p} holds no texts")
     return texts
-
-
-def save_npy_atomic(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write ``array`` as .npy atomically (``echoembed.artifact.atomic_save_npy``)."""
-    return atomic_save_npy(path, array)

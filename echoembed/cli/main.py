@@ -13,7 +13,8 @@ from echoembed.errors import UserError
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from echoembed.textio import read_texts, save_npy_atomic
+    from echoembed.artifact import atomic_save_npy
+    from echoembed.textio import read_texts
 
     if (args.artifact is None) == (args.model is None):
         raise UserError(
@@ -42,13 +43,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
             normalize=not args.no_normalize,
             show_progress=True,
         )
-    out = save_npy_atomic(emb, args.output)
+    out = atomic_save_npy(args.output, emb)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from echoembed.artifact.manifest import describe
+    from echoembed.artifact import describe
     from echoembed.exporter import ExportConfig, ParityConfig, export
 
     config = ExportConfig(
@@ -70,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from echoembed.artifact.manifest import describe
+    from echoembed.artifact import describe
     from echoembed.calibration import CalibrationConfig, QuantizeOptions, quantize, recipe_from_name
 
     config = recipe_from_name(
@@ -106,7 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from echoembed.artifact.manifest import describe, read_manifest, verify_files
+    from echoembed.artifact import describe, read_manifest, verify_files
 
     manifest = read_manifest(args.artifact)
     print(describe(manifest))

@@ -343,6 +343,25 @@ class EvaluationLog:
         self.records.append((type(evaluator).__name__, dict(metrics)))
 
 
+def _texts_of(
+    sentences: str | Sequence[str] | None, inputs: str | Sequence[str] | None
+) -> tuple[list[str], bool]:
+    """``encode``'s texts as a list, and whether a single str was given."""
+    if sentences is None:
+        sentences = inputs
+    elif inputs is not None:
+        raise InputError("pass the texts once: sentences= or inputs=, not both")
+    if sentences is None:
+        raise InputError("encode() needs texts (a str or a list of str)")
+    single = isinstance(sentences, str)
+    texts = [sentences] if single else sentences
+    if isinstance(texts, Mapping) or not isinstance(texts, Iterable):
+        raise InputError(
+            f"sentences must be a str or a list of str, got {type(sentences).__name__}"
+        )
+    return list(texts.tolist() if isinstance(texts, np.ndarray) else texts), single
+
+
 class SentenceTransformerAdapter(_EchoAdapter):
     """The ``SentenceTransformer`` surface over an echo embedder.
 
@@ -435,12 +454,6 @@ class SentenceTransformerAdapter(_EchoAdapter):
             raise InputError(
                 f"encode() got arguments the echo adapter does not use: {sorted(kwargs)}"
             )
-        if sentences is None:
-            sentences = inputs
-        elif inputs is not None:
-            raise InputError("pass the texts once: sentences= or inputs=, not both")
-        if sentences is None:
-            raise InputError("encode() needs texts (a str or a list of str)")
         if output_value != "sentence_embedding":
             raise InputError(
                 f"output_value={output_value!r} is not supported: echo artifacts output one "
@@ -449,13 +462,7 @@ class SentenceTransformerAdapter(_EchoAdapter):
         _check_precision(precision)
         if truncate_dim is not None and (not isinstance(truncate_dim, int) or truncate_dim < 1):
             raise InputError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else sentences
-        if isinstance(texts, Mapping) or not isinstance(texts, Iterable):
-            raise InputError(
-                f"sentences must be a str or a list of str, got {type(sentences).__name__}"
-            )
-        texts = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
+        texts, single = _texts_of(sentences, inputs)
         template, variables = self._template_for(prompt_name, prompt, task)
         emb = self._embed(
             texts,
