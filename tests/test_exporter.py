@@ -84,6 +84,11 @@ def test_graph_contract(tiny_dirs, tmp_path):
     assert {"input_ids", "attention_mask", "pool_mask"} <= {i.name for i in art.manifest.inputs}
     assert set(art.manifest.files) == {"model.onnx", "tokenizer.json"}
     assert art.manifest.versions["torch"] and art.manifest.source.kind == "hf_dir"
+    # the manifest describes the graph that is there: opset imports as saved
+    saved = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    assert art.manifest.opset_imports == saved and art.manifest.opset == saved[""] == 18
+    assert read_manifest(art.path) == art.manifest
+    assert art.manifest.special_tokens.bos is not None and art.manifest.output_name == "embedding"
 
 
 @pytest.mark.parametrize("pooling", list(Pooling))
