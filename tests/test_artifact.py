@@ -105,6 +105,18 @@ def test_staged_dir_verify_failure_installs_nothing(tmp_path):
     assert (out / "manifest.json").is_file()
 
 
+def test_staged_dir_gives_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with staged_dir(tmp_path / "art") as stage:
+            pass
+    finally:
+        os.umask(mask)
+    assert stage.out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
 def test_staged_dir_makes_missing_parents(tmp_path):
     out = tmp_path / "a" / "b" / "art"
     with staged_dir(out) as stage:

@@ -18,8 +18,7 @@ from echoembed.reference import (
     quantize_bnb,
 )
 from echoembed.reference.bnb import require_bnb
-from tests.conftest import STSB_DEV
-from tests.test_reference import TEXTS
+from tests.helpers import SAMPLE_TEXTS, STSB_DEV
 
 # Measured on the tiny random Llama (hidden 32), mean pooling: int8 cosine >= 0.99997,
 # nf4 >= 0.967 (mean 0.985). The floors leave room for other CPUs / kernels.
@@ -55,7 +54,7 @@ def _linear_types(model) -> set[str]:
 def test_tiny_model_quantizes_and_stays_close(tiny_reference, mode, bnb_class):
     bnb = require_bnb()
 
-    fp32 = tiny_reference.encode(TEXTS, "echo")
+    fp32 = tiny_reference.encode(SAMPLE_TEXTS, "echo")
     q = BnbEmbedder.from_reference(tiny_reference, BnbConfig(mode))
     assert q.name == f"bnb-{mode}" and q.config.mode == mode
     assert _linear_types(q.loaded.model) == {bnb_class}  # every Linear, none left in fp32
@@ -63,14 +62,14 @@ def test_tiny_model_quantizes_and_stays_close(tiny_reference, mode, bnb_class):
     assert isinstance(q_proj, getattr(bnb.nn, bnb_class))
     assert str(q_proj.weight.dtype) == ("torch.int8" if mode == "int8" else "torch.uint8")
     assert not hasattr(q.loaded.model, "lm_head")
-    emb = q.encode(TEXTS, "echo")
+    emb = q.encode(SAMPLE_TEXTS, "echo")
     assert emb.shape == (5, 32) and emb.dtype == np.float32 and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     cos = (emb * fp32).sum(axis=1)
     assert cos.min() > FLOORS[mode], cos
     assert cos.min() < 1 - 1e-7  # really quantized, not the fp32 weights
     # the fp32 reference shares tensors with the copy but is left untouched
-    np.testing.assert_array_equal(tiny_reference.encode(TEXTS, "echo"), fp32)
+    np.testing.assert_array_equal(tiny_reference.encode(SAMPLE_TEXTS, "echo"), fp32)
     assert _linear_types(tiny_reference.loaded.model) == {"Linear"}
 
 
@@ -79,14 +78,14 @@ def test_runner_interface_and_pooling(tiny_reference):
     runner = q.runner("last")
     assert isinstance(runner, TorchRunner) and isinstance(runner, Runner)
     enc = q.encoder("echo")
-    batch = enc.pad(enc.encode_ids(TEXTS[:3]))
+    batch = enc.pad(enc.encode_ids(SAMPLE_TEXTS[:3]))
     out = runner.encode(batch)
     assert out.shape == (3, 32) and out.dtype == np.float32
-    last = q.encode(TEXTS, "echo", pooling="last")
-    ref_last = tiny_reference.encode(TEXTS, "echo", pooling="last")
+    last = q.encode(SAMPLE_TEXTS, "echo", pooling="last")
+    ref_last = tiny_reference.encode(SAMPLE_TEXTS, "echo", pooling="last")
     assert (last * ref_last).sum(axis=1).min() > FLOORS["int8"]
-    batched = q.encode(TEXTS, "echo", batch_size=4)
-    single = np.stack([q.encode([t], "echo")[0] for t in TEXTS])
+    batched = q.encode(SAMPLE_TEXTS, "echo", batch_size=4)
+    single = np.stack([q.encode([t], "echo")[0] for t in SAMPLE_TEXTS])
     np.testing.assert_allclose(batched, single, atol=2e-3)
 
 
@@ -97,9 +96,9 @@ def test_load_from_hf_directory_nf4_options(tiny_llama_dir, tiny_reference):
     weight = q.loaded.model.layers[0].mlp.up_proj.weight
     assert weight.quant_state.nested  # double quant: the block scales are quantized too
     assert str(q.loaded.model.norm.weight.dtype) == "torch.bfloat16"
-    emb = q.encode(TEXTS, "echo")
+    emb = q.encode(SAMPLE_TEXTS, "echo")
     assert emb.dtype == np.float32 and np.isfinite(emb).all()
-    cos = (emb * tiny_reference.encode(TEXTS, "echo")).sum(axis=1)
+    cos = (emb * tiny_reference.encode(SAMPLE_TEXTS, "echo")).sum(axis=1)
     assert cos.min() > FLOORS["nf4"], cos
 
 
@@ -113,9 +112,9 @@ def test_nf4_cpu_kernel_shapes(tiny_reference, tiny_llama64_dir):
     ref64 = ReferenceEmbedder.load(tiny_llama64_dir)
     for ref, hidden in ((tiny_reference, 32), (ref64, 64)):
         q = BnbEmbedder.from_reference(ref, BnbConfig("nf4"))
-        emb = q.encode(TEXTS, "echo")
+        emb = q.encode(SAMPLE_TEXTS, "echo")
         assert emb.shape == (5, hidden) and np.isfinite(emb).all()
-        assert (emb * ref.encode(TEXTS, "echo")).sum(axis=1).min() > FLOORS["nf4"]
+        assert (emb * ref.encode(SAMPLE_TEXTS, "echo")).sum(axis=1).min() > FLOORS["nf4"]
         layers = [m for m in q.loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         for m in layers:
             ok = fused and m.in_features % 64 == 0 and m.out_features % 32 == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from echoembed.echo import EchoEncoder, EncoderConfig, Template, validate_texts
-from echoembed.errors import InputError
+from echoembed.echo import EchoEncoder, EncodedRow, EncoderConfig, Template, validate_texts
+from echoembed.errors import InputError, TemplateError
 
 TEMPLATE = "%%bos%%Say:{!%%text%%}\n{%%text%%}{%%eos%%}"
 
@@ -51,11 +51,60 @@ def test_take_trims_to_longest_row(make):
         (["ok", 3], r"texts\[1\] is int, not str"),
         ([None], r"texts\[0\] is NoneType"),
         (42, "must be a list of strings"),
+        (["ok", "bad \ud800"], r"texts\[1\] cannot be encoded as UTF-8: character 4"),
+        (["\udcff"], r"texts\[0\] .*lone surrogate.*errors='replace'"),
     ],
 )
 def test_bad_texts_raise_input_error(texts, fragment):
     with pytest.raises(InputError, match=fragment):
         validate_texts(texts)
+
+
+def test_lone_surrogate_is_an_input_error_not_a_type_error(make):
+    enc = make()
+    texts = ["fine", "also fine", "still fine", "bad \ud800 text"]
+    with pytest.raises(InputError, match=r"texts\[3\] cannot be encoded as UTF-8") as info:
+        enc.encode(texts)
+    assert "lone surrogate" in str(info.value) and "'\\ud800'" in str(info.value)
+    with pytest.raises(InputError, match=r"texts\[3\]"):
+        enc.encode_ids(texts)
+    # a surrogate pair written as one code point is ordinary text
+    assert enc.encode(["emoji \U0001f642"]).input_ids.shape[0] == 1
+
+
+def test_nul_and_control_characters_are_text(make, smollm2_tokenizer):
+    """NUL and other control characters are valid UTF-8: the byte-level tokenizer gives them
+    their own byte tokens and decodes them back, so they are embedded, not rejected."""
+    tok = smollm2_tokenizer[0]
+    enc = make()
+    for text in ["a\x00b", "\x00", "tab\x1bescape", "zero\u200bwidth"]:
+        [row] = enc.encode_ids([text])
+        pieces = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(pieces) == text
+        pooled = [i for i, f in zip(row.ids, row.pool_flags, strict=True) if f][:-1]  # no EOS
+        assert pooled == pieces
+
+
+def test_surrogate_in_a_variable_is_a_template_error(smollm2_tokenizer):
+    tok, special, _ = smollm2_tokenizer
+    tpl = Template("{!%%prompt%%: %%text%%}{%%text%%}", defaults={"prompt": "Say"})
+    enc = EchoEncoder(tok, special, EncoderConfig(tpl))
+    with pytest.raises(TemplateError, match=r"%%prompt%%: character 1 .*lone surrogate"):
+        enc.encode(["fine"], variables={"prompt": "S\ud800"})
+
+
+def test_encoded_row_is_a_named_tuple(make):
+    enc = make()
+    rows = enc.encode_ids(["Hello world", "The cat sat on the mat."])
+    assert all(isinstance(r, EncodedRow) for r in rows)
+    r = rows[0]
+    assert len(r.ids) == len(r.pool_flags) == 9 and r.truncated is False
+    assert set(r.pool_flags) == {0, 1}
+    ids, flags, truncated = r  # still a tuple for callers that unpack
+    assert (ids, flags, truncated) == (r.ids, r.pool_flags, r.truncated)
+    padded, plain = enc.pad(rows), enc.pad([tuple(x) for x in rows])
+    for name in ("input_ids", "attention_mask", "pool_mask", "truncated"):
+        np.testing.assert_array_equal(getattr(padded, name), getattr(plain, name))
 
 
 def test_single_string_is_one_text():

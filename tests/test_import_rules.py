@@ -2,30 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
-BLOCK_HEAVY = textwrap.dedent(
-    """
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"torch", "transformers", "optimum"}:
-                raise ImportError(f"blocked import of {name} (test)")
-            return None
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-
-def run_blocked(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", BLOCK_HEAVY + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.helpers import run_blocked
 
 
 def test_blocker_really_blocks():

@@ -1,17 +1,25 @@
 """The optimum-onnx peer of ``echoembed bench``: client, protocol and worker logic.
 
 CI has no ``.venv-peers``: the client is tested against stand-in workers run by this venv's
-python. The main stand-in imports the real worker module (benchmarks/peers/optimum_peer.py) and
-serves echoembed's own runtime on a tiny artifact, so the protocol code under test is the
-worker's. The test against the real optimum pipeline is ``slow`` and needs ``make bench-peers``.
+python. The main stand-in imports the real worker module (``echoembed.validation.optimum_worker``,
+shipped in the package) and serves echoembed's own runtime on a tiny artifact, so the protocol
+code under test is the worker's. The test against the real optimum pipeline is ``slow`` and
+needs ``make bench-peers``.
+
+No assertion depends on how fast the machine is: every timeout below is either a bound on a hang
+(never reached when the test passes) or applied only once the state it tests is reached.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
 import textwrap
+import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,16 +29,17 @@ import pytest
 from echoembed.errors import BackendError, InputError, MissingDependencyError, ModelSourceError
 from echoembed.validation.peers import (
     PROBE_TEXTS,
+    WORKER_MODULE,
     OptimumPeer,
     PeerConfig,
     encoder_to_json,
     prepare_optimum_peer,
 )
-from tests.conftest import STSB_DEV
+from tests.helpers import STSB_DEV, run_blocked
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "benchmarks" / "peers" / "optimum_peer.py"
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+HANG_GUARD_S = 600.0  # the most a stand-in may take to start or quit; a passing run takes seconds
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -43,19 +52,14 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def worker():
-    """The worker script imported as a module (only numpy and echoembed.echo at import)."""
-    spec = importlib.util.spec_from_file_location("optimum_peer_under_test", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The packaged worker module (only numpy, echoembed.echo and echoembed.artifact at import)."""
+    return importlib.import_module(WORKER_MODULE)
 
 
 # A stand-in worker: the real module's protocol, echoembed's runtime as the model.
 STAND_IN = """
-import argparse, importlib.util, sys
-spec = importlib.util.spec_from_file_location("optimum_peer", {worker!r})
-peer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(peer)
+import argparse, sys
+from echoembed.validation import optimum_worker as peer
 ap = argparse.ArgumentParser()
 ap.add_argument("--hf-dir"); ap.add_argument("--onnx-dir"); ap.add_argument("--encoder")
 ap.add_argument("--threads", type=int)
@@ -65,7 +69,7 @@ print("library noise on stdout must not break the protocol")
 from echoembed.runtime import Embedder
 emb = Embedder.load(args.hf_dir, threads=args.threads)
 encoder, pooling = peer.encoder_from_json(emb.tokenizer, args.encoder)
-ready = {{"name": "stand-in runtime", "versions": peer.versions(), "export_seconds": None}}
+ready = {"name": "stand-in runtime", "versions": peer.versions(), "export_seconds": None}
 sys.exit(peer.serve(emb.runner, encoder, ready, out=proto))
 """
 
@@ -76,16 +80,25 @@ def _script(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
-def _config(script: Path, tmp_path: Path, **kw) -> PeerConfig:
+def _config(script: Path | None, tmp_path: Path, **kw) -> PeerConfig:
     base = dict(
         python=Path(sys.executable),
         script=script,
         hf_dir=tmp_path / "hf",
         onnx_dir=tmp_path / "onnx",
         encoder_json="{}",
-        start_timeout_s=60.0,
+        start_timeout_s=HANG_GUARD_S,
     )
     return PeerConfig(**{**base, **kw})
+
+
+def _wait_for(condition: Callable[[], bool], what: str, bound_s: float = HANG_GUARD_S) -> None:
+    """Poll ``condition`` until it holds; ``bound_s`` only stops a hang."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {bound_s:g} s")
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +111,7 @@ def tiny_embedder(tiny_artifact):
 @pytest.fixture(scope="module")
 def stand_in_peer(tiny_artifact, tiny_embedder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stand-in")
-    script = _script(tmp, "stand_in.py", STAND_IN.format(worker=str(WORKER)))
+    script = _script(tmp, "stand_in.py", STAND_IN)
     enc = tiny_embedder.encoder()
     config = _config(
         script,
@@ -107,9 +120,12 @@ def stand_in_peer(tiny_artifact, tiny_embedder, tmp_path_factory):
         encoder_json=encoder_to_json(enc, tiny_embedder.pooling),
         threads=1,
     )
-    with OptimumPeer.start(config) as peer:
+    peer = OptimumPeer.start(config)
+    try:
         yield peer
-    assert peer.process.returncode == 0  # quit -> exit 0
+    finally:
+        code = peer.close(timeout=HANG_GUARD_S)
+    assert code == 0  # quit -> exit 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +168,20 @@ def test_bad_texts_fail_in_the_client(stand_in_peer):
         stand_in_peer.embed(["fine", 3])
     with pytest.raises(InputError, match="empty"):
         stand_in_peer.timed([])
+    with pytest.raises(InputError, match=r"texts\[1\] cannot be encoded as UTF-8"):
+        stand_in_peer.embed(["fine", "bad \ud800"])
+    assert stand_in_peer.embed(["fine"]).shape[0] == 1  # the worker never saw them
+
+
+def test_handle_writes_the_reply_atomically(worker, tiny_embedder, tmp_path):
+    out = tmp_path / "replies" / "r.npy"
+    request = {"texts": TEXTS, "batch_size": 2, "out": str(out)}
+    reply = worker.handle(request, tiny_embedder.runner, tiny_embedder.encoder())
+    assert reply["ok"] is True and reply["n"] == len(TEXTS)
+    emb = np.load(out)
+    assert emb.dtype == np.float32
+    np.testing.assert_allclose(emb, tiny_embedder.encode(TEXTS, batch_size=2), atol=1e-6)
+    assert [p.name for p in out.parent.iterdir()] == ["r.npy"]  # no temporary file left
 
 
 def test_serve_answers_malformed_lines(worker, tiny_embedder):
@@ -172,7 +202,7 @@ def test_serve_answers_malformed_lines(worker, tiny_embedder):
 
 
 def test_missing_peer_venv_says_make_bench_peers(tmp_path):
-    config = _config(WORKER, tmp_path, python=tmp_path / ".venv-peers" / "bin" / "python")
+    config = _config(None, tmp_path, python=tmp_path / ".venv-peers" / "bin" / "python")
     with pytest.raises(MissingDependencyError, match="make bench-peers") as info:
         OptimumPeer.start(config)
     assert isinstance(info.value, ImportError)
@@ -181,7 +211,38 @@ def test_missing_peer_venv_says_make_bench_peers(tmp_path):
 def test_default_config_paths():
     config = PeerConfig(hf_dir=Path("h"), onnx_dir=Path("o"), encoder_json="{}")
     assert config.python == Path(".venv-peers/bin/python")
-    assert config.script == Path("benchmarks/peers/optimum_peer.py")
+    assert config.module == WORKER_MODULE == "echoembed.validation.optimum_worker"
+    assert config.script is None
+    # shipped inside the package, not in the repository's benchmarks/
+    spec = importlib.util.find_spec(WORKER_MODULE)
+    package = Path(importlib.util.find_spec("echoembed").origin).parent
+    assert Path(spec.origin) == package / "validation" / "optimum_worker.py"
+
+
+def test_default_worker_runs_from_the_package_anywhere(tmp_path, monkeypatch):
+    """``python -m echoembed.validation.optimum_worker`` from a directory that is no checkout:
+    the real worker's main starts and rejects an --hf-dir without tokenizer.json."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(BackendError) as info:
+        OptimumPeer.start(_config(None, tmp_path))
+    msg = str(info.value)
+    assert "must be written by echoembed's save_hf_dir" in msg and "code 2" in msg
+    assert f"-m {WORKER_MODULE}" in msg
+
+
+def test_peer_venv_without_the_worker_module_says_make_bench_peers(tmp_path):
+    config = _config(None, tmp_path, module="echoembed.validation.no_such_worker")
+    with pytest.raises(MissingDependencyError, match="make bench-peers") as info:
+        OptimumPeer.start(config)
+    assert "No module named echoembed.validation.no_such_worker" in str(info.value)
+
+
+def test_missing_stand_in_script(tmp_path):
+    with pytest.raises(MissingDependencyError, match="script"):
+        OptimumPeer.start(_config(tmp_path / "nope.py", tmp_path))
 
 
 def test_worker_crash_at_start_reports_stderr(tmp_path):
@@ -222,21 +283,30 @@ def test_worker_death_mid_request_reports_stderr(tmp_path):
             peer.embed(TEXTS)
     with pytest.raises(BackendError, match="closed"):
         peer.embed(TEXTS)
+    assert not peer._tmp.exists()  # close removed the reply directory
 
 
 def test_worker_that_never_gets_ready_is_stopped(tmp_path):
+    """The start timeout is applied only after the worker's stderr line has been read, and the
+    worker can never become ready, so nothing here races the machine's speed."""
     script = _script(
         tmp_path,
         "hang.py",
         """
-        import sys, time
+        import sys
         print("exporting ...", file=sys.stderr, flush=True)
-        time.sleep(120)
+        sys.stdin.read()  # never ready; returns only when the client closes stdin
         """,
     )
-    with pytest.raises(BackendError, match=r"ready line within 1\.5 s") as info:
-        OptimumPeer.start(_config(script, tmp_path, start_timeout_s=1.5))
-    assert "exporting ..." in str(info.value)
+    peer = OptimumPeer.launch(_config(script, tmp_path))
+    try:
+        _wait_for(lambda: "exporting ..." in peer.stderr_lines, "the worker's stderr line")
+        with pytest.raises(BackendError, match=r"ready line within 0\.2 s") as info:
+            peer.wait_ready(0.2)
+        assert "exporting ..." in str(info.value)
+        assert peer.process.returncode is not None and peer.process.returncode < 0  # killed
+    finally:
+        peer.close(timeout=HANG_GUARD_S)
 
 
 def test_worker_first_line_not_ready(tmp_path):
@@ -351,17 +421,80 @@ def test_prepare_optimum_peer(tiny_llama_dir, tmp_path, monkeypatch):
 
 
 def test_peers_module_is_torch_free():
-    from tests.test_import_rules import run_blocked
-
     r = run_blocked(
         """
-        import echoembed.validation.peers as p
+        import echoembed.validation, echoembed.validation.peers as p
         assert "torch" not in sys.modules and "transformers" not in sys.modules
+        assert "echoembed.validation.optimum_worker" not in sys.modules  # needs optimum
         print(p.PeerConfig.__name__)
         """
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "PeerConfig"
+
+
+def test_worker_module_imports_without_torch_or_optimum():
+    """What ``make bench-peers`` gives the worker: echoembed --no-deps, numpy, tokenizers."""
+    r = run_blocked(
+        """
+        import echoembed.validation.optimum_worker as w
+        peer_venv = {"numpy", "tokenizers", "tqdm", "echoembed"}  # plus the stdlib
+        loaded = {m.split(".")[0] for m in sys.modules if not m.startswith("_")}
+        extra = loaded - set(sys.stdlib_module_names) - peer_venv
+        assert not extra, sorted(extra)
+        print(w.NAME)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "optimum-onnx fp32"
+
+
+class _FakeOptimumModel:
+    """Stands in for ``ORTModelForFeatureExtraction`` in ``export_if_needed``."""
+
+    exports = 0
+    fail = False
+
+    @classmethod
+    def from_pretrained(cls, path, export=False):
+        assert export is True
+        if cls.fail:
+            raise RuntimeError("export failed half-way")
+        cls.exports += 1
+        return cls()
+
+    def save_pretrained(self, out) -> None:
+        (Path(out) / "model.onnx").write_text(f"export {type(self).exports}")
+
+
+def test_export_if_needed_swaps_the_cache_atomically(worker, tmp_path, monkeypatch):
+    onnxruntime = types.ModuleType("optimum.onnxruntime")
+    onnxruntime.ORTModelForFeatureExtraction = _FakeOptimumModel
+    monkeypatch.setitem(sys.modules, "optimum", types.ModuleType("optimum"))
+    monkeypatch.setitem(sys.modules, "optimum.onnxruntime", onnxruntime)
+    monkeypatch.setattr(_FakeOptimumModel, "exports", 0)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"a": 1}')
+    cache = tmp_path / "cache" / "optimum-onnx"
+
+    assert worker.export_if_needed(hf, cache) is not None  # exported
+    assert (cache / "model.onnx").read_text() == "export 1"
+    assert (cache.stat().st_mode & 0o777) == 0o755
+    assert json.loads((cache / worker.EXPORT_STAMP).read_text())["files"]["config.json"]
+    assert worker.export_if_needed(hf, cache) is None  # same source: reused
+    assert _FakeOptimumModel.exports == 1
+
+    (hf / "config.json").write_text('{"a": 2}')  # another model: exported again, replaced
+    monkeypatch.setattr(_FakeOptimumModel, "fail", True)
+    with pytest.raises(RuntimeError, match="half-way"):
+        worker.export_if_needed(hf, cache)
+    assert (cache / "model.onnx").read_text() == "export 1"  # the old cache is untouched
+    assert [p.name for p in cache.parent.iterdir()] == ["optimum-onnx"]  # no temporaries
+    monkeypatch.setattr(_FakeOptimumModel, "fail", False)
+    assert worker.export_if_needed(hf, cache) is not None
+    assert (cache / "model.onnx").read_text() == "export 2"
+    assert [p.name for p in cache.parent.iterdir()] == ["optimum-onnx"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,13 +516,16 @@ def test_optimum_peer_matches_pytorch_reference(peer_work, smollm2_reference, po
     texts = read_sts(STSB_DEV, limit=15).unique_sentences()[:20]
     assert len(texts) == 20
     config = prepare_optimum_peer(smollm2_reference, "echo", peer_work, pooling=pooling, threads=2)
-    with OptimumPeer.start(config) as peer:
+    peer = OptimumPeer.start(config)
+    try:
         assert peer.name == "optimum-onnx fp32"
         assert peer.versions["optimum-onnx"] == "0.1.0"
         major_minor = tuple(int(x) for x in peer.versions["transformers"].split(".")[:2])
         assert major_minor < (4, 58)
         assert peer.info["inputs"] == ["input_ids", "attention_mask", "position_ids"]
         got = peer.embed(texts, batch_size=8)
+    finally:
+        peer.close(timeout=HANG_GUARD_S)
     want = smollm2_reference.encode(texts, "echo", pooling=pooling)
     cos = (got * want).sum(axis=1)
     print(f"optimum peer vs reference ({pooling}): min {cos.min():.7f} mean {cos.mean():.7f}")

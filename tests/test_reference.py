@@ -10,14 +10,7 @@ import pytest
 from echoembed.errors import InputError, ModelSourceError
 from echoembed.reference import ReferenceEmbedder, resolve_source, save_hf_dir
 from echoembed.reference.sources import BUNDLED
-
-TEXTS = [
-    "A man is playing the guitar.",
-    "Hello world",
-    "The stock market fell sharply after the announcement of new tariffs on steel imports.",
-    "Kids play.",
-    "A woman slices an onion in the kitchen while listening to the radio.",
-]
+from tests.helpers import SAMPLE_TEXTS
 
 
 def test_bundled_source_resolves_to_the_wheel_gguf():
@@ -55,23 +48,25 @@ def test_hf_directory_source(tiny_llama_dir):
     ref = ReferenceEmbedder.load(tiny_llama_dir)
     assert ref.loaded.architecture == "llama" and ref.hidden_size == 32
     assert ref.loaded.context_length == 512
-    emb = ref.encode(TEXTS, "echo")
+    emb = ref.encode(SAMPLE_TEXTS, "echo")
     assert emb.shape == (5, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
-    raw = ref.encode(TEXTS, "echo", normalize=False)
+    raw = ref.encode(SAMPLE_TEXTS, "echo", normalize=False)
     np.testing.assert_allclose(emb, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_batch_equals_single(smollm2_reference, pooling):
-    batched = smollm2_reference.encode(TEXTS, "echo", pooling=pooling, batch_size=8)
-    single = np.stack([smollm2_reference.encode([t], "echo", pooling=pooling)[0] for t in TEXTS])
+    batched = smollm2_reference.encode(SAMPLE_TEXTS, "echo", pooling=pooling, batch_size=8)
+    single = np.stack(
+        [smollm2_reference.encode([t], "echo", pooling=pooling)[0] for t in SAMPLE_TEXTS]
+    )
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
 def test_rows_come_back_in_input_order(smollm2_reference):
-    fwd = smollm2_reference.encode(TEXTS, "classical", batch_size=2)
-    rev = smollm2_reference.encode(TEXTS[::-1], "classical", batch_size=3)
+    fwd = smollm2_reference.encode(SAMPLE_TEXTS, "classical", batch_size=2)
+    rev = smollm2_reference.encode(SAMPLE_TEXTS[::-1], "classical", batch_size=3)
     np.testing.assert_allclose(fwd, rev[::-1], atol=1e-5)
 
 
@@ -108,8 +103,8 @@ def test_gguf_to_hf_directory_round_trip(smollm2_reference, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == 100000.0
     reloaded = ReferenceEmbedder.load(out)
-    a = smollm2_reference.encode(TEXTS, "echo")
-    b = reloaded.encode(TEXTS, "echo")
+    a = smollm2_reference.encode(SAMPLE_TEXTS, "echo")
+    b = reloaded.encode(SAMPLE_TEXTS, "echo")
     assert float((a * b).sum(axis=1).min()) > 0.999999
     with pytest.raises(ModelSourceError, match="already exists"):
         save_hf_dir(smollm2_reference.loaded, out)

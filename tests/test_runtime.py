@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from echoembed.echo import SpecialTokens
-from echoembed.errors import ArtifactError, BackendError
+from echoembed.errors import ArtifactError, BackendError, InputError
 from echoembed.runtime import Embedder, Manifest, read_manifest
 from echoembed.validation import read_sts
-from tests.conftest import STSB_DEV
-from tests.test_import_rules import BLOCK_HEAVY
+from tests.helpers import BLOCK_HEAVY, STSB_DEV
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +139,15 @@ def test_unavailable_provider_warns_and_falls_back(tiny_artifact, caplog):
     assert "NoSuchExecutionProvider" in caplog.text and "falling back" in caplog.text
     assert e.runner.providers == ["CPUExecutionProvider"]
     assert e.encode(["hello"]).shape == (1, 32)
+
+
+def test_unencodable_text_is_an_input_error(tiny_artifact):
+    e = Embedder.load(tiny_artifact.path)
+    texts = ["fine", "also fine", "still fine", "bad \ud800"]
+    with pytest.raises(InputError, match=r"texts\[3\] cannot be encoded as UTF-8"):
+        e.encode(texts)
+    nul = e.encode(["a\x00b", "plain"])  # NUL is text: embedded, not rejected
+    assert nul.shape == (2, 32) and np.isfinite(nul).all()
 
 
 def test_bad_batch_is_a_backend_error(tiny_artifact):

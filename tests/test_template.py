@@ -59,6 +59,26 @@ def test_template_errors_are_typed_and_actionable(source, fragment):
         Template(source)
 
 
+@pytest.mark.parametrize(
+    "source, defaults, fragment",
+    [
+        ("{%%text%%} \ud800", {}, r"character 11 \('\\ud800', line 1, column 12"),
+        ("{!%%p%%}{%%text%%}", {"p": "x\udc80"}, r"%%p%%: character 1 .*lone surrogate"),
+        ("{!%%p%%}{%%text%%}", {"p": 3}, r"%%p%% must be a string, got int"),
+    ],
+)
+def test_unencodable_template_parts_are_template_errors(source, defaults, fragment):
+    with pytest.raises(TemplateError, match=fragment):
+        Template(source, defaults=defaults)
+
+
+def test_unencodable_variable_override_is_a_template_error():
+    tpl = Template("{!%%p%%}{%%text%%}", defaults={"p": "x"})
+    with pytest.raises(TemplateError, match=r"%%p%%: character 0 .*errors='replace'"):
+        tpl.resolve_variables({"p": "\ud800"})
+    assert tpl.resolve_variables({"p": "\x00ok"}) == {"p": "\x00ok"}
+
+
 def test_template_error_says_where():
     with pytest.raises(TemplateError, match=r"line 2, column 5"):
         Template("ok\nabc }{%%text%%}")

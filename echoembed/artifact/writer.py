@@ -79,6 +79,20 @@ def atomic_save_npy(path: str | os.PathLike[str], array) -> Path:
     return _atomic(path, "wb", lambda f: np.save(f, array))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sibling_dir(out: Path, tag: str) -> Path:
+    """A new empty directory beside ``out`` with the usual permissions (``mkdtemp`` makes 0700,
+    which would leave every artifact readable by its owner only)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
 class StagedDir:
     """A directory being built beside its target; see ``staged_dir``."""
 
@@ -89,7 +103,7 @@ class StagedDir:
 
     def scratch(self, tag: str = "work") -> Path:
         """A second temporary sibling for intermediate files, removed whatever happens."""
-        p = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{tag}-", dir=self.out.parent))
+        p = _sibling_dir(self.out, tag)
         self._scratch.append(p)
         return p
 
@@ -133,9 +147,7 @@ def staged_dir(
     target = Path(out)
     check(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = StagedDir(
-        target, Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    )
+    stage = StagedDir(target, _sibling_dir(target, "tmp"))
     try:
         yield stage
         if verify is not None:

@@ -38,7 +38,7 @@ def embed_texts(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     rows = encoder.encode_ids(texts, variables)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: np.ndarray | None = None
     from tqdm.auto import tqdm

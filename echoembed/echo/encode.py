@@ -1,7 +1,9 @@
 """Texts -> ``EncodedBatch`` (input_ids, attention_mask, pool_mask) through a template.
 
 Input rules (documented in the README):
-- every text must be a ``str`` with at least one non-whitespace character, else ``InputError``;
+- every text must be a ``str`` with at least one non-whitespace character that can be encoded as
+  UTF-8 (no lone surrogates such as ``"\\ud800"``), else ``InputError`` naming its index; other
+  code points (NUL, control characters) are valid text and tokenized as they are;
 - ``max_length`` (optional) truncates every piece separately, as the official repo does;
 - when a prompt is still longer than ``context_length`` (the model's context), the pieces that
   carry variables (the copies of the text) are truncated to one shared cap so the prompt fits:
@@ -15,11 +17,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
-from echoembed.echo.template import SPECIAL_VARIABLES, TEXT_VARIABLE, Template, substitute
+from echoembed.echo.template import (
+    SPECIAL_VARIABLES,
+    SURROGATE_HINT,
+    TEXT_VARIABLE,
+    Template,
+    lone_surrogate_at,
+    substitute,
+)
 from echoembed.errors import InputError, TemplateError
 
 if TYPE_CHECKING:
@@ -40,6 +49,14 @@ class SpecialTokens:
 
     def as_variables(self) -> dict[str, str]:
         return {k: v for k, v in (("bos", self.bos), ("eos", self.eos)) if v is not None}
+
+
+class EncodedRow(NamedTuple):
+    """One text encoded through a template, unpadded (``EchoEncoder.encode_ids``)."""
+
+    ids: list[int]  # token ids of the whole prompt
+    pool_flags: list[int]  # 1 where the token is pooled, else 0 (same length as ids)
+    truncated: bool  # the prompt was shortened to fit the context
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,12 @@ def validate_texts(texts: object) -> list[str]:
                 f"texts[{i}] is empty or whitespace-only ({t!r}): an echo embedding of nothing is "
                 "undefined; drop such rows before encoding"
             )
+        bad = lone_surrogate_at(t)
+        if bad is not None:
+            raise InputError(
+                f"texts[{i}] cannot be encoded as UTF-8: character {bad} ({t[bad]!r}) is "
+                f"{SURROGATE_HINT}, or drop the row"
+            )
     return list(texts)
 
 
@@ -163,8 +186,8 @@ class EchoEncoder:
 
     def encode_ids(
         self, texts: Sequence[str], variables: Mapping[str, str] | None = None
-    ) -> list[tuple[list[int], list[int], bool]]:
-        """Per text: (ids, pool flags, truncated), unpadded."""
+    ) -> list[EncodedRow]:
+        """Per text: its ``EncodedRow`` (ids, pool flags, truncated), unpadded."""
         texts = validate_texts(texts)
         tpl = self.config.template
         values = {**tpl.resolve_variables(variables), **self._specials}
@@ -194,7 +217,7 @@ class EchoEncoder:
             for p, ids_p in zip(tpl.pieces, pieces, strict=True):
                 ids.extend(ids_p)
                 flags.extend([int(p.pooled)] * len(ids_p))
-            out.append((ids, flags, truncated))
+            out.append(EncodedRow(ids, flags, truncated))
         return out
 
     def _fit(
@@ -227,20 +250,21 @@ class EchoEncoder:
         """Encode and right-pad texts into one batch."""
         return self.pad(self.encode_ids(texts, variables))
 
-    def pad(self, rows: Sequence[tuple[list[int], list[int], bool]]) -> EncodedBatch:
-        """Right-pad unpadded rows to the longest one."""
+    def pad(self, rows: Sequence[EncodedRow]) -> EncodedBatch:
+        """Right-pad unpadded rows (``EncodedRow`` or plain 3-tuples) to the longest one."""
         if not rows:
             raise InputError("nothing to encode: texts is empty")
-        width = max(len(r[0]) for r in rows)
+        rows = [EncodedRow(*r) for r in rows]
+        width = max(len(r.ids) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         att = np.zeros((len(rows), width), dtype=np.int64)
         pm = np.zeros((len(rows), width), dtype=np.int64)
-        for b, (r_ids, r_flags, _) in enumerate(rows):
-            n = len(r_ids)
-            ids[b, :n] = r_ids
+        for b, r in enumerate(rows):
+            n = len(r.ids)
+            ids[b, :n] = r.ids
             att[b, :n] = 1
-            pm[b, :n] = r_flags
-        truncated = np.array([r[2] for r in rows], dtype=bool)
+            pm[b, :n] = r.pool_flags
+        truncated = np.array([r.truncated for r in rows], dtype=bool)
         if truncated.any():
             log.warning(
                 "%d text(s) exceeded the context of %s tokens and were truncated (both copies "

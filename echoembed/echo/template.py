@@ -41,6 +41,23 @@ class Piece:
         return frozenset(VARIABLE_RE.findall(self.source))
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``,
+    which tokenizers rejects with a bare TypeError), or None when the whole text encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+SURROGATE_HINT = (
+    "a lone surrogate, which no tokenizer can encode (it usually comes from bytes decoded with "
+    "errors='surrogateescape' or from half of a UTF-16 pair); decode the source as UTF-8 "
+    "(errors='replace' if it is damaged)"
+)
+
+
 def _where(source: str, pos: int) -> str:
     line = source.count("\n", 0, pos) + 1
     col = pos - (source.rfind("\n", 0, pos) + 1) + 1
@@ -109,6 +126,14 @@ class Template:
         pieces = parse_pieces(self.source)
         object.__setattr__(self, "pieces", pieces)
         label = f"template {self.name!r}"
+        bad = lone_surrogate_at(self.source)
+        if bad is not None:
+            raise TemplateError(
+                f"{label}: character {bad} ({self.source[bad]!r}, {_where(self.source, bad)}) is "
+                f"{SURROGATE_HINT}"
+            )
+        for var, value in self.defaults.items():
+            _check_value(var, value)
         if not any(p.pooled for p in pieces):
             raise TemplateError(
                 f"{label} has no pooled segment: wrap the part to embed in braces, "
@@ -156,12 +181,19 @@ class Template:
                     f"template {self.name!r} has no variable %%{key}%% to set; settable "
                     f"variables: {sorted(self.defaults) or 'none'}"
                 )
-            if not isinstance(value, str):
-                raise TemplateError(
-                    f"variable %%{key}%% must be a string, got {type(value).__name__}"
-                )
+            _check_value(key, value)
             values[key] = value
         return values
+
+
+def _check_value(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TemplateError(f"variable %%{name}%% must be a string, got {type(value).__name__}")
+    bad = lone_surrogate_at(value)
+    if bad is not None:
+        raise TemplateError(
+            f"variable %%{name}%%: character {bad} ({value[bad]!r}) is {SURROGATE_HINT}"
+        )
 
 
 def substitute(text: str, values: Mapping[str, str]) -> str:

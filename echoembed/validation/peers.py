@@ -2,9 +2,10 @@
 
 The optimum-onnx peer (``ORTModelForFeatureExtraction`` exported from the same model, echo
 pooling in numpy) needs transformers < 4.58, so it runs in ``.venv-peers`` (``make
-bench-peers``) as a subprocess, ``benchmarks/peers/optimum_peer.py``, spoken to over JSON lines
-(the protocol is described there). This module is torch-free (numpy + stdlib);
-``prepare_optimum_peer`` imports the reference (torch) lazily::
+bench-peers``) as a subprocess, ``python -m echoembed.validation.optimum_worker`` (shipped in the
+package, so no checkout is needed; the peer venv must have echoembed installed), spoken to over
+JSON lines (the protocol is described there). This module is torch-free (numpy + stdlib) and
+never imports the worker; ``prepare_optimum_peer`` imports the reference (torch) lazily::
 
     ref = ReferenceEmbedder.load("smollm2")
     config = prepare_optimum_peer(ref, "echo", "runs/peers", pooling="mean", threads=2)
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from echoembed.artifact import atomic_write
 from echoembed.echo import EchoEncoder, Pooling, Template, validate_texts
 from echoembed.errors import (
     BackendError,
@@ -53,16 +54,21 @@ PROBE_TEXTS = (
     "  Ünïcödé text — with  double spaces,\ttabs and an emoji 🙂 ",
 )
 STDERR_LINES = 200  # kept from the worker for error messages
+STDERR_JOIN_S = 10.0  # how long an error waits for the worker's stderr to reach EOF
+WORKER_MODULE = "echoembed.validation.optimum_worker"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PeerConfig:
-    """How to start a peer worker. Relative paths are looked up in the working directory, then
-    in the echoembed checkout this module comes from."""
+    """How to start a peer worker: ``python -m module``, or ``python script`` when ``script`` is
+    set (a stand-in worker). A relative ``python`` or ``script`` is looked up in the working
+    directory, then in the echoembed checkout this module comes from (``make bench-peers``
+    creates ``.venv-peers`` there)."""
 
     python: Path = Path(".venv-peers/bin/python")
-    script: Path = Path("benchmarks/peers/optimum_peer.py")
+    module: str = WORKER_MODULE
+    script: Path | None = None
     hf_dir: Path
     onnx_dir: Path
     encoder_json: str
@@ -83,8 +89,10 @@ def encoder_to_json(
     tpl: Template = cfg.template
     checks = []
     for text in probes:
-        [(ids, flags, _)] = encoder.encode_ids([text], variables)
-        checks.append({"text": text, "variables": variables, "ids": ids, "pool": flags})
+        [row] = encoder.encode_ids([text], variables)
+        checks.append(
+            {"text": text, "variables": variables, "ids": row.ids, "pool": row.pool_flags}
+        )
     special = encoder.special
     return json.dumps(
         {
@@ -119,7 +127,11 @@ class OptimumPeer:
         self.last_seconds: float | None = None
         self._closed = False
         self._lock = threading.Lock()
-        self._tmp = Path(tempfile.mkdtemp(prefix="echoembed-peer-"))
+        # Scratch space for reply files: the worker writes each one atomically, we read and
+        # delete it; nothing here is renamed into place by the client.
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="echoembed-peer-")
+        self._tmp = Path(self._tmpdir.name)
+        self._replies = 0
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         threading.Thread(target=_pump, args=(process.stdout, self._lines), daemon=True).start()
@@ -132,21 +144,37 @@ class OptimumPeer:
     @classmethod
     def start(cls, config: PeerConfig) -> OptimumPeer:
         """Launch the worker and wait (up to ``config.start_timeout_s``) for its ready line."""
-        python, script = _locate(config.python), _locate(config.script)
+        peer = cls.launch(config)
+        try:
+            peer.wait_ready(config.start_timeout_s)
+        except BaseException:
+            peer.close(timeout=2.0)
+            raise
+        return peer
+
+    @classmethod
+    def launch(cls, config: PeerConfig) -> OptimumPeer:
+        """Start the worker process without waiting for it; ``wait_ready`` comes next."""
+        python = _locate(config.python)
         if not python.exists():
             raise MissingDependencyError(
                 f"the optimum-onnx peer needs its own virtual environment ({python} is missing; "
                 "optimum-onnx 0.1.0 needs transformers < 4.58): run `make bench-peers` in the "
                 "echoembed repository"
             )
-        if not script.is_file():
-            raise MissingDependencyError(
-                f"the peer worker script {script} is missing: run from the echoembed repository "
-                "root or pass PeerConfig(script=...)"
-            )
+        if config.script is not None:
+            script = _locate(config.script)
+            if not script.is_file():
+                raise MissingDependencyError(
+                    f"the peer worker script {script} is missing: pass an existing "
+                    f"PeerConfig(script=...), or leave it unset to run -m {config.module}"
+                )
+            worker = [str(script)]
+        else:
+            worker = ["-m", config.module]
         cmd = [
             str(python),
-            str(script),
+            *worker,
             "--hf-dir",
             str(config.hf_dir),
             "--onnx-dir",
@@ -160,7 +188,7 @@ class OptimumPeer:
         env.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.update(config.env or {})
-        log.info("starting peer: %s %s", python, script)
+        log.info("starting peer: %s %s", python, " ".join(worker))
         try:
             process = subprocess.Popen(
                 cmd,
@@ -176,18 +204,28 @@ class OptimumPeer:
             raise MissingDependencyError(
                 f"cannot run {python} ({e}): run `make bench-peers` in the echoembed repository"
             ) from e
-        peer = cls(config, process)
+        return cls(config, process)
+
+    def wait_ready(self, timeout_s: float | None) -> dict[str, Any]:
+        """Wait up to ``timeout_s`` for the ready line (stopping the worker if it does not
+        come); returns the worker's info (name, versions, ...), also kept in ``info``."""
         try:
-            ready = peer._reply(config.start_timeout_s, waiting_for="its ready line")
-            if ready.get("ready") is not True:
-                raise BackendError(f"the peer worker's first line is not 'ready': {ready}")
-        except BaseException:
-            peer.close(timeout=2.0)
+            ready = self._reply(timeout_s, waiting_for="its ready line")
+        except BackendError as e:
+            exited = self.process.poll() is not None and self.process.returncode > 0
+            if exited and any("No module named" in line for line in self.stderr_lines):
+                raise MissingDependencyError(
+                    f"{e}\nThe peer venv lacks a module the worker needs: run `make "
+                    "bench-peers` in the echoembed repository (it installs echoembed and "
+                    "optimum-onnx there)"
+                ) from e
             raise
+        if ready.get("ready") is not True:
+            raise BackendError(f"the peer worker's first line is not 'ready': {ready}")
         ready.pop("ready")
-        peer.info = ready
+        self.info = ready
         log.info("peer ready: %s", ready.get("name"))
-        return peer
+        return dict(ready)
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -201,6 +239,16 @@ class OptimumPeer:
     @property
     def export_seconds(self) -> float | None:
         return self.info.get("export_seconds")
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        """The worker's stderr lines read so far (the last ``STDERR_LINES``)."""
+        return list(self._stderr)
+
+    @property
+    def worker(self) -> str:
+        """What runs the worker, for messages: its script or ``-m module``."""
+        return str(self.config.script) if self.config.script else f"-m {self.config.module}"
 
     # -- requests ----------------------------------------------------------------------------
     def embed(
@@ -217,9 +265,8 @@ class OptimumPeer:
         """
         with self._lock:
             self._check_open()
-            fd, name = tempfile.mkstemp(suffix=".npy", dir=self._tmp)
-            os.close(fd)
-            out = Path(name)
+            self._replies += 1
+            out = self._tmp / f"reply-{self._replies}.npy"  # a private dir: no name clash
             try:
                 reply = self._request(texts, batch_size, variables, out, timeout_s)
                 emb = np.load(out)
@@ -305,25 +352,27 @@ class OptimumPeer:
 
     # -- failure and shutdown ----------------------------------------------------------------
     def _stderr_tail(self, lines: int = 40) -> str:
-        self._stderr_thread.join(timeout=2.0)
+        # The worker has exited or been killed, so its stderr reaches EOF now; the bound only
+        # matters when a grandchild still holds the pipe open.
+        self._stderr_thread.join(timeout=STDERR_JOIN_S)
         tail = list(self._stderr)[-lines:]
         return ("\nworker stderr (last lines):\n" + "\n".join(tail)) if tail else ""
 
     def _died(self, when: str) -> BackendError:
         try:
-            code = self.process.wait(timeout=5.0)
+            code = self.process.wait(timeout=30.0)  # it closed stdout, so it is exiting
         except subprocess.TimeoutExpired:
             self._kill()
             code = self.process.returncode
         return BackendError(
-            f"the {self.name} worker ({self.config.script}) exited with code {code} {when}."
+            f"the {self.name} worker ({self.worker}) exited with code {code} {when}."
             f"{self._stderr_tail()}"
         )
 
     def _kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(timeout=10.0)
+            self.process.wait(timeout=60.0)  # SIGKILL: returns as soon as it is gone
 
     def close(self, timeout: float = 10.0) -> int | None:
         """Ask the worker to quit (kill it after ``timeout``); returns its exit code."""
@@ -345,7 +394,7 @@ class OptimumPeer:
                     stream.close()
             except (BrokenPipeError, OSError, ValueError):
                 pass
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmpdir.cleanup()
         return self.process.returncode
 
     def __enter__(self) -> OptimumPeer:
@@ -409,9 +458,7 @@ def prepare_optimum_peer(
     else:
         work.mkdir(parents=True, exist_ok=True)
         save_hf_dir(reference.loaded, hf_dir)
-        tmp = stamp.with_name(stamp.name + ".tmp")
-        tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-        os.replace(tmp, stamp)
+        atomic_write(stamp, json.dumps(wanted, indent=2) + "\n")
     encoder = reference.encoder(template, max_length)
     return PeerConfig(
         hf_dir=hf_dir,

@@ -1,5 +1,9 @@
 """The optimum-onnx peer of ``echoembed bench``: a worker run by ``.venv-peers/bin/python``.
 
+Run as ``python -m echoembed.validation.optimum_worker --hf-dir ... --onnx-dir ... --encoder ...``
+by the peer venv's interpreter (``OptimumPeer.start`` does), so it ships inside the package and
+needs no echoembed checkout. ``echoembed.validation`` never imports it (it needs optimum).
+
 optimum-onnx 0.1.0 needs transformers < 4.58 while echoembed runs on transformers 5, so this
 pipeline (what a user would otherwise pick: ``ORTModelForFeatureExtraction`` exported from the
 same model, echo pooling in numpy) lives in its own venv (``make bench-peers``) and is driven by
@@ -17,8 +21,10 @@ stdout carries the protocol only: the real stdout is kept for it and fd 1 is poi
 so whatever the libraries print lands in the log. The echo inputs are built by
 ``echoembed.echo`` from ``--encoder`` (JSON written by the client from its own ``EchoEncoder``),
 with ``tokenizer.json`` of ``--hf-dir``, and batched by ``echoembed.echo.embed_texts`` exactly
-as echoembed batches (length-sorted, ``batch_size``). Only stdlib, numpy and ``echoembed.echo``
-are imported at module level, so the protocol can be tested without optimum.
+as echoembed batches (length-sorted, ``batch_size``). Only stdlib, numpy, ``echoembed.echo`` and
+``echoembed.artifact`` (its atomic writers; stdlib + numpy) are imported at module level, so the
+protocol can be tested without optimum, and ``make bench-peers`` can install echoembed with
+``--no-deps`` into the peer venv.
 """
 
 from __future__ import annotations
@@ -30,9 +36,7 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +45,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from echoembed.artifact import atomic_save_npy, staged_dir
 from echoembed.echo import (
     EchoEncoder,
     EncodedBatch,
@@ -52,7 +57,7 @@ from echoembed.echo import (
     pool,
 )
 
-log = logging.getLogger("optimum_peer")
+log = logging.getLogger("optimum_worker")
 
 NAME = "optimum-onnx fp32"
 ENCODER_FORMAT = 1
@@ -99,11 +104,11 @@ def encoder_from_json(tokenizer, spec: str | Mapping[str, Any]) -> tuple[EchoEnc
     )
     encoder = EchoEncoder(tokenizer, SpecialTokens(**data["special"]), config)
     for check in data.get("checks", []):
-        [(ids, flags, _)] = encoder.encode_ids([check["text"]], check.get("variables"))
-        if ids != check["ids"] or flags != check["pool"]:
+        [row] = encoder.encode_ids([check["text"]], check.get("variables"))
+        if row.ids != check["ids"] or row.pool_flags != check["pool"]:
             raise EncoderCheckError(
-                f"the peer tokenizes {check['text']!r} differently from echoembed: ids {ids} "
-                f"vs {check['ids']}, pool flags {flags} vs {check['pool']} (tokenizers "
+                f"the peer tokenizes {check['text']!r} differently from echoembed: ids {row.ids} "
+                f"vs {check['ids']}, pool flags {row.pool_flags} vs {check['pool']} (tokenizers "
                 f"{_version('tokenizers')} here)"
             )
     return encoder, Pooling.parse(data.get("pooling", "mean"))
@@ -157,18 +162,6 @@ def send(out: IO[str], message: Mapping[str, Any]) -> None:
     out.flush()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=np.float32))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def handle(request: Mapping[str, Any], runner, encoder: EchoEncoder) -> dict[str, Any]:
     """One ``embed`` request -> its reply (exceptions propagate to ``serve``)."""
     texts = request["texts"]
@@ -184,7 +177,7 @@ def handle(request: Mapping[str, Any], runner, encoder: EchoEncoder) -> dict[str
     )
     seconds = time.perf_counter() - t0
     if request.get("out"):
-        _save_npy(Path(request["out"]), emb)
+        atomic_save_npy(Path(request["out"]), np.ascontiguousarray(emb, dtype=np.float32))
     return {"ok": True, "n": int(emb.shape[0]), "seconds": seconds}
 
 
@@ -257,17 +250,6 @@ def _fingerprint(hf_dir: Path) -> dict[str, Any]:
     }
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move ``new`` to ``dest``, replacing a stale ``dest`` (each step is a rename)."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-        os.replace(dest, old / dest.name)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_if_needed(hf_dir: Path, onnx_dir: Path) -> float | None:
     """Export ``hf_dir`` with optimum into ``onnx_dir`` (atomically) unless a matching export
     is already there; returns the export's seconds, or None when reused."""
@@ -283,21 +265,17 @@ def export_if_needed(hf_dir: Path, onnx_dir: Path) -> float | None:
         log.info("%s was exported from something else: exporting again", onnx_dir)
     from optimum.onnxruntime import ORTModelForFeatureExtraction
 
-    onnx_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.", dir=onnx_dir.parent))
-    try:
+    # A stale export is replaced (force=True) only once the new one is complete.
+    with staged_dir(onnx_dir, force=True) as stage:
         log.info("exporting %s with optimum (feature-extraction) ...", hf_dir)
         t0 = time.perf_counter()
         model = ORTModelForFeatureExtraction.from_pretrained(hf_dir, export=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(stage.path)
         seconds = time.perf_counter() - t0
         del model
-        (tmp / EXPORT_STAMP).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)
-        _replace_dir(tmp, onnx_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stamp_text = json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
+        (stage.path / EXPORT_STAMP).write_text(stamp_text)  # inside the stage: renamed with it
+        stage.path.chmod(0o755)  # mkdtemp makes it 0700
     log.info("exported in %.1f s to %s", seconds, onnx_dir)
     return seconds
 
