@@ -8,7 +8,7 @@ import pytest
 
 from echoembed.errors import InputError
 from echoembed.validation.bench import BenchConfig, run_bench
-from tests.conftest import STSB_TEST
+from tests.helpers import STSB_TEST
 
 
 def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
@@ -36,6 +36,12 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
     assert run is not None and run.name.startswith("bench-")
     data = json.loads((run / "bench.json").read_text())
     assert data["schema"] == 1 and data["pairs"] == 12 and len(data["rows"]) == 3
+    # the machine block keeps its keys (no providers: bench names no single session)
+    assert set(data["machine"]) == {
+        "platform", "processor", "cpu_model", "int8_u8s8_saturates", "cpu_count", "python",
+        "onnxruntime",
+    }  # fmt: skip
+    assert data["machine"]["cpu_count"] == result.report.machine.cpu_count
     assert "| echoembed fp32 |" in (run / "bench.md").read_text()
     assert (run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*tmp*"))
@@ -46,3 +52,22 @@ def test_bench_refuses_missing_artifacts_and_bad_peer(tmp_path):
         run_bench(BenchConfig(artifacts=(tmp_path / "nope",), runs_dir=tmp_path))
     with pytest.raises(InputError, match="peer must be"):
         run_bench(BenchConfig(peer="maybe", runs_dir=tmp_path))
+
+
+def test_plot_bench_writes_a_png_atomically(tmp_path):
+    """plot_bench renders into memory and writes once: a PNG, no temporary file left."""
+    from echoembed.validation.bench import BenchReport, BenchRow, plot_bench
+    from echoembed.validation.report import MachineInfo
+
+    machine = MachineInfo("Linux", "x86_64", None, None, 2, "3.11", "1.32.0")
+    rows = tuple(
+        BenchRow(name, kind, "fp32", None, 1.0, 1.0, rho, tps, tps / 10.0)
+        for name, kind, rho, tps in (("a", "pytorch", 58.0, 10.0), ("b", "onnx", 57.0, 25.0))
+    )
+    report = BenchReport("2026-01-01", machine, "sts.tsv", 4, 8, 8, 32, 1, rows)
+    out = tmp_path / "bench.png"
+    out.write_bytes(b"old")
+    assert plot_bench(report, out) == out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+    assert json.loads(report.to_json())["machine"]["cpu_count"] == 2

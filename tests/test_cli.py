@@ -163,3 +163,26 @@ def test_quantize_cli(tiny_artifact, tmp_path, capsys):
     rc = main(base[:2] + [str(tmp_path / "w8"), *base[2:], "--recipe", "int8-dynamic",
                           "--no-reduce-range"])  # fmt: skip
     assert rc == 0 and read_manifest(tmp_path / "w8").quantization.settings.reduce_range is False
+
+
+def test_validate_distractors_flag_reaches_the_config(monkeypatch, tmp_path, capsys):
+    """--distractors unset is None (500, or scaled by --limit); set, it is kept as given."""
+    import echoembed.validation.validate as v
+
+    seen = []
+
+    def fake_validate(artifact, config, progress=None):
+        seen.append(config)
+        raise v.InputError("stop here")  # typed user error -> exit code 2
+
+    monkeypatch.setattr(v, "validate", fake_validate)
+    base = ["validate", str(tmp_path), "--sts", str(tmp_path / "x.tsv"), "--runs-dir"]
+    base.append(str(tmp_path / "runs"))
+    assert main(base + ["--limit", "20"]) == 2
+    assert main(base + ["--limit", "20", "--distractors", "500"]) == 2
+    assert main(base + ["--distractors", "all"]) == 2
+    assert main(base + ["--distractors", "-3"]) == 2
+    assert [c.distractors for c in seen] == [None, 500, "all"]
+    assert v.retrieval_options(seen[0]).distractors == 20  # min(500, limit)
+    assert v.retrieval_options(seen[1]).distractors == 500  # explicit: not scaled
+    assert "expected a number >= 0" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 from echoembed.errors import InputError
 from echoembed.validation import paired_cosine, rankdata, read_sts, spearman
-from tests.conftest import STSB_DEV
+from tests.helpers import STSB_DEV
 
 
 def test_rankdata_averages_ties():

@@ -3,6 +3,7 @@ end-to-end runs (tiny model on every task; the real model on an STS-B slice)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,12 +20,14 @@ from echoembed.validation.report import (
     Agreement,
     Budget,
     Latency,
+    MachineInfo,
     TaskScore,
     ValidationReport,
     format_report,
     read_report,
 )
 from echoembed.validation.retrieval import (
+    DEFAULT_DISTRACTORS,
     RetrievalConfig,
     RetrievalData,
     evaluate_retrieval,
@@ -36,9 +39,12 @@ from echoembed.validation.validate import (
     LatencyConfig,
     ValidateConfig,
     check_budget,
+    classification_options,
+    quick_distractors,
+    retrieval_options,
     validate,
 )
-from tests.conftest import SHARED_DATA, STSB_TEST
+from tests.helpers import SHARED_DATA, STSB_TEST
 
 SCIFACT = SHARED_DATA / "scifact"
 BANKING77 = SHARED_DATA / "banking77" / "test.tsv"
@@ -109,6 +115,50 @@ def test_rank_and_retrieval_scores_on_hand_made_embeddings():
     assert (s.queries, s.documents) == (2, 4)
 
 
+def test_limit_scales_the_distractors_unless_they_were_given():
+    assert quick_distractors(None) == DEFAULT_DISTRACTORS == 500
+    assert [quick_distractors(n) for n in (2, 100, 499, 500, 10_000)] == [2, 100, 499, 500, 500]
+    base = ValidateConfig(retrieval=SCIFACT)
+    assert (retrieval_options(base).queries, retrieval_options(base).distractors) == (None, 500)
+    quick = retrieval_options(ValidateConfig(retrieval=SCIFACT, limit=100))
+    assert (quick.queries, quick.distractors) == (100, 100)
+    assert "first 100 queries, judged docs + 100 seeded distractors" in quick.describe()
+    # given explicitly (even the default count): never scaled
+    for given, want in ((500, 500), (7, 7), ("all", None)):
+        opts = retrieval_options(ValidateConfig(retrieval=SCIFACT, limit=100, distractors=given))
+        assert (opts.queries, opts.distractors) == (100, want)
+    # the older way to give them, through retrieval_options, counts as given too
+    old = ValidateConfig(limit=100, retrieval_options=RetrievalConfig(distractors=40, seed=3))
+    assert (retrieval_options(old).distractors, retrieval_options(old).seed) == (40, 3)
+    old_all = ValidateConfig(limit=100, retrieval_options=RetrievalConfig(distractors=None))
+    assert retrieval_options(old_all).distractors is None
+    twice = ValidateConfig(distractors=5, retrieval_options=RetrievalConfig(distractors=40))
+    with pytest.raises(InputError, match="distractors given twice"):
+        retrieval_options(twice)
+    with pytest.raises(InputError, match="a count or 'all'"):
+        retrieval_options(ValidateConfig(distractors="most"))  # type: ignore[arg-type]
+    assert classification_options(ValidateConfig(limit=100)).limit == 100
+    assert classification_options(ValidateConfig()).limit is None
+
+
+def test_quick_look_subset_sizes_on_scifact():
+    """--limit 100: 100 queries, their 101 judged documents and 100 distractors (not 500)."""
+    sub = read_retrieval(SCIFACT, retrieval_options(ValidateConfig(limit=100)))
+    judged = {d for v in sub.qrels.values() for d in v}
+    assert len(sub.queries) == 100 and len(judged) == 101
+    assert judged <= set(sub.corpus) and len(sub.corpus) == 101 + 100
+    full = read_retrieval(SCIFACT, retrieval_options(ValidateConfig(limit=100, distractors=500)))
+    assert len(full.corpus) == 101 + 500
+
+
+def test_conflicting_distractors_fail_before_any_model_loads(tmp_path):
+    config = ValidateConfig(
+        retrieval=SCIFACT, distractors=5, retrieval_options=RetrievalConfig(distractors=40)
+    )
+    with pytest.raises(InputError, match="distractors given twice"):
+        validate(tmp_path / "no-artifact-here", config)
+
+
 # --- classification --------------------------------------------------------------------------
 
 
@@ -151,6 +201,16 @@ def test_classifiers_separate_clusters_and_fail_on_noise(classifier):
 # --- report and budget -----------------------------------------------------------------------
 
 
+MACHINE = MachineInfo(
+    platform="Linux-x86_64", processor="x86_64", cpu_model="AMD EPYC", int8_u8s8_saturates=False,
+    cpu_count=2, python="3.11.7", onnxruntime="1.32.0", providers=("CPUExecutionProvider",),
+)  # fmt: skip
+MACHINE_KEYS = {
+    "platform", "processor", "cpu_model", "int8_u8s8_saturates", "cpu_count", "python",
+    "onnxruntime",
+}  # fmt: skip
+
+
 def _report(drop: float = 0.3, budget: Budget | None = None) -> ValidationReport:
     return ValidationReport(
         artifact="artifacts/x",
@@ -159,7 +219,7 @@ def _report(drop: float = 0.3, budget: Budget | None = None) -> ValidationReport
         reference="smollm2",
         created="2026-11-25T00:00:00+00:00",
         seconds=1.5,
-        machine={"cpu_count": 2},
+        machine=MACHINE,
         agreement=Agreement(10, 0.995, 0.98, 0.981),
         scores=(
             TaskScore("sts", "stsb/test", "spearman", "echo", 10, 58.0, 58.0 + drop, 40.0, "all"),
@@ -190,6 +250,27 @@ def test_report_json_round_trip_and_schema(tmp_path):
     del data["agreement"]
     with pytest.raises(InputError, match="not a valid echoembed validation report"):
         ValidationReport.from_json(json.dumps(data))
+
+
+def test_machine_info_keeps_the_report_keys():
+    data = json.loads(_report().to_json())["machine"]
+    assert set(data) == MACHINE_KEYS | {"providers"}
+    assert data["providers"] == ["CPUExecutionProvider"] and data["cpu_model"] == "AMD EPYC"
+    bare = dataclasses.replace(MACHINE, providers=None)
+    assert set(bare.to_dict()) == MACHINE_KEYS  # no providers key, as before
+    assert MachineInfo.from_dict(bare.to_dict()) == bare
+    # reports from before cpu_model and int8_u8s8_saturates existed still read
+    old = {k: v for k, v in bare.to_dict().items() if k not in ("cpu_model", "int8_u8s8_saturates")}
+    assert MachineInfo.from_dict(old) == dataclasses.replace(
+        bare, cpu_model=None, int8_u8s8_saturates=None
+    )
+    with pytest.raises(TypeError):
+        MachineInfo.from_dict({**old, "gpu": "none"})
+    from echoembed.validation.report import machine_info
+
+    here = machine_info(["CPUExecutionProvider"])
+    assert here.providers == ("CPUExecutionProvider",) and here.cpu_count and here.onnxruntime
+    assert set(machine_info().to_dict()) == MACHINE_KEYS
 
 
 def test_budget_takes_the_worst_drop():
@@ -280,6 +361,8 @@ def test_validate_every_task_on_the_tiny_model(tiny_artifact, tiny_llama_dir, tm
     assert rep.budget is not None and rep.budget.passed
     assert result.run_dir is not None and result.run_dir.name.startswith("validate-artifact-")
     assert read_report(result.run_dir / "report.json") == rep
+    assert rep.machine.providers == ("CPUExecutionProvider",)
+    assert not list(result.run_dir.glob(".*tmp*")) and not list((tmp_path / "cache").glob(".*"))
     assert (
         "| retrieval | scifact | ndcg@10 | query/document | 6 |"
         in (result.run_dir / "report.md").read_text()

@@ -151,11 +151,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         retrieval=args.retrieval,
         classification=args.classification,
         limit=args.limit,
-        retrieval_options=RetrievalConfig(
-            distractors=None if args.distractors == "all" else _count(args.distractors),
-            seed=args.seed,
-            max_length=args.max_length,
-        ),
+        distractors=_distractors(args.distractors),
+        retrieval_options=RetrievalConfig(seed=args.seed, max_length=args.max_length),
         classification_options=ClassificationConfig(
             classifier=args.classifier, seed=args.seed, train_per_label=args.train_per_label
         ),
@@ -174,6 +171,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"\nreport: {result.run_dir / 'report.json'}")
     budget = result.report.budget
     return 1 if budget is not None and not budget.passed else 0
+
+
+def _distractors(text: str | None) -> int | str | None:
+    """``--distractors``: None (500, or scaled with --limit), 'all', or a count."""
+    if text is None or text == "all":
+        return text
+    return _count(text)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -386,11 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--limit", type=int, default=None,
-        help="quick look: first N STS pairs, first N queries, ~N classification texts",
+        help="quick look: first N STS pairs, first N queries (+ min(500, N) distractors), "
+        "~N classification texts",
     )  # fmt: skip
     p.add_argument(
-        "--distractors", default="500",
-        help="retrieval: documents added to the judged ones (seeded); 'all': the full corpus",
+        "--distractors", default=None,
+        help="retrieval: documents added to the judged ones (seeded); default 500, or "
+        "min(500, N) with --limit N; 'all': the full corpus",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="distractor draw and classifier splits")
     p.add_argument("--max-length", type=int, default=512, help="retrieval: tokens per copy")

@@ -10,10 +10,12 @@ from echoembed.validation.metrics import (
     recall_at_k,
     spearman,
 )
+from echoembed.validation.report import MachineInfo
 from echoembed.validation.sts import StsData, read_sts, sts_spearman
 from echoembed.validation.timing import Throughput, compare_throughput
 
 __all__ = [
+    "MachineInfo",
     "StsData",
     "Throughput",
     "accuracy",

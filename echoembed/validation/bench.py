@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from echoembed.artifact.writer import atomic_write
 from echoembed.errors import InputError, MissingDependencyError
+from echoembed.validation.report import MachineInfo, machine_info
 from echoembed.validation.sts import read_sts, sts_spearman
 from echoembed.validation.timing import compare_throughput
-from echoembed.validation.validate import machine_info, new_run_dir, write_atomic
+from echoembed.validation.validate import new_run_dir
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -74,7 +76,7 @@ class BenchRow:
 @dataclass(frozen=True)
 class BenchReport:
     created: str
-    machine: dict
+    machine: MachineInfo
     sts: str
     pairs: int
     sentences: int
@@ -88,7 +90,9 @@ class BenchReport:
     def to_json(self) -> str:
         import json
 
-        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+        data = dataclasses.asdict(self)
+        data["machine"] = self.machine.to_dict()
+        return json.dumps(data, indent=1) + "\n"
 
 
 @dataclass(frozen=True)
@@ -199,24 +203,10 @@ def _peer_variant(config: BenchConfig, ref, skipped: dict[str, str], say: Progre
     )
 
 
-def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
-    """Run every variant on the same STS sentences; see the module docstring."""
+def _embed_and_time(config: BenchConfig, sentences: list[str], skipped: dict[str, str], say):
+    """Load every variant, embed ``sentences`` with each, then time them round-robin."""
     import contextlib
 
-    config = config or BenchConfig()
-    say = progress or (lambda _m: None)
-    if config.peer not in ("auto", "on", "off"):
-        raise InputError(f"peer must be auto, on or off, got {config.peer!r}")
-    missing = [str(p) for p in config.artifacts if not Path(p).is_dir()]
-    if missing:
-        raise InputError(
-            f"artifact directories not found: {', '.join(missing)}; run `make demo` (it writes "
-            "artifacts/smollm2-echo, -int8-dynamic and -int4-hqq) or pass --artifacts"
-        )
-    data = read_sts(config.sts, limit=config.limit)
-    sentences = data.unique_sentences()
-    index = {s: i for i, s in enumerate(sentences)}
-    skipped: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         say(f"loading the PyTorch reference {config.model}")
         ref, variants = _reference_variants(config, skipped, say)
@@ -237,6 +227,13 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
             sentences[: config.speed_texts],
             repeats=config.repeats,
         )
+    return variants, embedded, speed
+
+
+def _rows(variants: list[_Variant], embedded: dict[str, np.ndarray], speed, data) -> list[BenchRow]:
+    """One row per variant: cosine to PyTorch fp32, STS Spearman, throughput and size ratios."""
+    sentences = data.unique_sentences()
+    index = {s: i for i, s in enumerate(sentences)}
     want = embedded["pytorch fp32"]
     base = speed["pytorch fp32"].texts_per_second
     fp32_bytes = next(
@@ -257,6 +254,25 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
                 None if (v.file_bytes is None or not fp32_bytes) else v.file_bytes / fp32_bytes,
             )  # fmt: skip
         )
+    return rows
+
+
+def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
+    """Run every variant on the same STS sentences; see the module docstring."""
+    config = config or BenchConfig()
+    say = progress or (lambda _m: None)
+    if config.peer not in ("auto", "on", "off"):
+        raise InputError(f"peer must be auto, on or off, got {config.peer!r}")
+    missing = [str(p) for p in config.artifacts if not Path(p).is_dir()]
+    if missing:
+        raise InputError(
+            f"artifact directories not found: {', '.join(missing)}; run `make demo` (it writes "
+            "artifacts/smollm2-echo, -int8-dynamic and -int4-hqq) or pass --artifacts"
+        )
+    data = read_sts(config.sts, limit=config.limit)
+    sentences = data.unique_sentences()
+    skipped: dict[str, str] = {}
+    variants, embedded, speed = _embed_and_time(config, sentences, skipped, say)
     report = BenchReport(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(),
@@ -266,12 +282,12 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         speed_texts=min(config.speed_texts, len(sentences)),
         batch_size=config.batch_size,
         repeats=config.repeats,
-        rows=tuple(rows),
+        rows=tuple(_rows(variants, embedded, speed, data)),
         skipped=skipped,
     )
     run_dir = new_run_dir(Path(config.runs_dir), "bench", Path(config.model).name)
-    write_atomic(run_dir / "bench.json", report.to_json())
-    write_atomic(run_dir / "bench.md", format_bench(report) + "\n")
+    atomic_write(run_dir / "bench.json", report.to_json())
+    atomic_write(run_dir / "bench.md", format_bench(report) + "\n")
     if config.plot:
         plot_bench(report, run_dir / "bench.png")
     say(f"wrote {run_dir}/bench.json, bench.md" + (", bench.png" if config.plot else ""))
@@ -336,14 +352,13 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
     ax.set_xlabel(f"throughput, texts/s (batch {report.batch_size})")
     ax.set_ylabel("STS-B Spearman x100 (echo, mean pooling)")
     ax.set_title(
-        f"echo embeddings, accuracy vs throughput\n{report.machine.get('processor')}, "
-        f"{report.machine.get('cpu_count')} cores, {report.sentences} sentences",
+        f"echo embeddings, accuracy vs throughput\n{report.machine.processor}, "
+        f"{report.machine.cpu_count} cores, {report.sentences} sentences",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, png.getvalue())

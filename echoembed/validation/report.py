@@ -1,10 +1,15 @@
-"""The validation report: one frozen dataclass tree, written as JSON and printed as a table."""
+"""The validation report: one frozen dataclass tree, written as JSON and printed as a table.
+
+``MachineInfo`` (where a measurement ran) is shared with ``echoembed bench``'s report.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,56 @@ from typing import Any
 from echoembed.errors import InputError
 
 REPORT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """Where a measurement ran: platform, CPU, Python, ONNX Runtime (and its providers)."""
+
+    platform: str
+    processor: str
+    cpu_model: str | None  # /proc/cpuinfo "model name"; None where unknown (and in old reports)
+    int8_u8s8_saturates: bool | None  # no VNNI: INT8 artifacts need 7-bit weights
+    cpu_count: int | None
+    python: str
+    onnxruntime: str
+    providers: tuple[str, ...] | None = None  # the artifact session's; omitted from JSON when None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (the keys reports have always had; ``providers`` only when known)."""
+        data = dataclasses.asdict(self)
+        if self.providers is None:
+            del data["providers"]
+        else:
+            data["providers"] = list(self.providers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MachineInfo:
+        """Read ``to_dict``'s object back; reports written before ``cpu_model`` and
+        ``int8_u8s8_saturates`` existed read as None there. Unknown keys raise TypeError."""
+        d = {"cpu_model": None, "int8_u8s8_saturates": None, **data}
+        if d.get("providers") is not None:
+            d["providers"] = tuple(d["providers"])
+        return cls(**d)
+
+
+def machine_info(providers: Sequence[str] | None = None) -> MachineInfo:
+    """This machine, now (imports onnxruntime for its version)."""
+    import onnxruntime as ort
+
+    from echoembed.runtime.cpu import cpu_model, u8s8_saturates
+
+    return MachineInfo(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_model=cpu_model(),
+        int8_u8s8_saturates=u8s8_saturates(),
+        cpu_count=os.cpu_count(),
+        python=platform.python_version(),
+        onnxruntime=ort.__version__,
+        providers=None if providers is None else tuple(providers),
+    )
 
 
 @dataclass(frozen=True)
@@ -71,7 +126,7 @@ class ValidationReport:
     reference: str | None
     created: str
     seconds: float
-    machine: dict[str, Any]
+    machine: MachineInfo
     agreement: Agreement | None
     scores: tuple[TaskScore, ...]
     latency: tuple[Latency, ...]
@@ -80,6 +135,7 @@ class ValidationReport:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
+        data["machine"] = self.machine.to_dict()
         for s, obj in zip(data["scores"], self.scores, strict=True):
             s["drop"] = obj.drop
         return json.dumps(data, indent=1) + "\n"
@@ -101,6 +157,7 @@ class ValidationReport:
             agreement = data.pop("agreement")
             budget = data.pop("budget")
             return cls(
+                machine=MachineInfo.from_dict(data.pop("machine")),
                 scores=tuple(scores),
                 latency=tuple(Latency(**x) for x in data.pop("latency")),
                 agreement=None if agreement is None else Agreement(**agreement),
