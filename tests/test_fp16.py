@@ -111,3 +111,35 @@ def test_keep_nodes(fp32_model, tiny_artifact, tmp_path):
 def test_unknown_keep_node(fp32_model):
     with pytest.raises(UserError, match="keep_nodes"):
         to_fp16(fp32_model, FP32_OPS, keep_nodes=["nope/MatMul"])
+
+
+def test_constant_shared_by_fp16_and_fp32_consumers():
+    """A weight read by an fp16 MatMul and by an fp32 op gets an fp16 copy for the MatMul; the
+    fp32 op keeps reading the fp32 original (both edits must reach the saved graph)."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="lin/MatMul"),
+            helper.make_node("ReduceSum", ["w"], ["s"], name="sum", keepdims=0),
+            helper.make_node("Add", ["y", "s"], ["out"], name="add"),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    half = to_fp16(model, FP32_OPS)
+    inits = {i.name: i.data_type for i in half.graph.initializer}
+    assert inits == {"w": TensorProto.FLOAT, "w_fp16": TensorProto.FLOAT16}
+    by_name = {n.name: n for n in half.graph.node}
+    assert by_name["lin/MatMul"].input[1] == "w_fp16" and by_name["sum"].input[0] == "w"
+    onnx.checker.check_model(half)
+    onnx.shape_inference.infer_shapes(half, check_type=True, strict_mode=True)
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    got = ort.InferenceSession(half.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w + w.sum(), atol=1e-2)

@@ -62,9 +62,7 @@ class Int8StaticConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
-            raise UserError(
-                f"method must be minmax, percentile or entropy, got {self.method!r}"
-            )
+            raise UserError(f"method must be minmax, percentile or entropy, got {self.method!r}")
         if self.activations not in ("int8", "uint8"):
             raise UserError(f"activations must be 'int8' or 'uint8', got {self.activations!r}")
         if not 90.0 <= self.percentile <= 100.0:
@@ -81,6 +79,7 @@ class Int4WeightOnlyConfig:
     (second-order, uses the calibration texts; ``float_zero`` stores fractional zero points, as
     HQQ does, which reproduce a Q4_1 checkpoint's grid exactly). ``quantize_embedding``: the
     token embedding table becomes a 4-bit GatherBlockQuantized too (RTN, blocks along hidden).
+    ``accuracy_level`` is written on every MatMulNBits node, whichever the algorithm.
     """
 
     algorithm: Literal["rtn", "hqq", "gptq"] = "hqq"
@@ -104,6 +103,11 @@ class Int4WeightOnlyConfig:
             raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UserError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.symmetric and self.algorithm == "hqq":
+            raise UserError(
+                "HQQ quantizes asymmetrically (fractional zero points); symmetric=True applies "
+                "to rtn and gptq"
+            )
         if self.symmetric and self.float_zero and self.algorithm == "gptq":
             raise UserError("float_zero needs asymmetric quantization (symmetric=False)")
         if not 0.0 < self.gptq_damp < 1.0:

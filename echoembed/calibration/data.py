@@ -142,7 +142,7 @@ class FixedShapeReader:
         if not texts:
             raise InputError("no calibration texts")
         rows = encoder.encode_ids(list(texts))
-        self.width = max(len(r[0]) for r in rows)
+        self.width = max(len(r.ids) for r in rows)
         self.batches: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

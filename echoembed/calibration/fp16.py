@@ -52,10 +52,9 @@ def to_fp16(
     names kept in fp32 as well (their weights stay fp32). See the module docstring for the rule.
     """
     onnx = require("onnx", "export")
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
-    graph = model.graph
-    names = {n.name for n in graph.node}
+    names = {n.name for n in model.graph.node}
     missing = [k for k in keep_nodes if k not in names]
     if missing:
         raise UserError(f"keep_nodes not in the graph: {missing[:5]}")
@@ -63,89 +62,124 @@ def to_fp16(
     out.CopyFrom(model)
     g = out.graph
     _hoist_float_constants(g, numpy_helper)
-    types = _elem_types(out, onnx, helper)
-    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-
-    def is_float(name: str) -> bool:
-        return types.get(name) == FLOAT
-
-    graph_inputs = {i.name for i in g.input}
-    consts = {
-        i.name: i for i in g.initializer if i.data_type == FLOAT and i.name not in graph_inputs
-    }
-    blocked_ops, keep = set(fp32_ops), set(keep_nodes)
-    half: set[str] = set()  # float activations stored as fp16
-    const_use: dict[str, set[int]] = {}  # constant -> dtypes its consumers need
-    half_slots: dict[str, list] = {}  # constant -> (node, input index) of its fp16 consumers
-    casts: dict[tuple[str, int], str] = {}
-    nodes = []
-
+    rewrite = _Fp16Pass(g, _elem_types(out, onnx, helper), set(fp32_ops), set(keep_nodes))
     for node in g.node:
-        ins = [(i, n) for i, n in enumerate(node.input) if n and is_float(n)]
-        if not ins and not any(o and is_float(o) for o in node.output):
-            nodes.append(node)
-            continue
-        for o in node.output:  # untyped outputs of float ops: assume they carry the float type
-            if o and o not in types and ins and node.op_type not in _NON_FLOAT_OUTPUT_OPS:
-                types[o] = FLOAT
-        fixed = _FIXED_FLOAT_INPUTS.get(node.op_type, ())
-        blocked = (
-            node.op_type in blocked_ops
-            or node.name in keep
+        rewrite.visit(node)
+    rewrite.cast_outputs_back(g.output)
+    # before the node list is replaced: extend() copies, later edits to the nodes would be lost
+    _convert_constants(g, rewrite.consts, rewrite.const_use, rewrite.half_slots, numpy_helper)
+    del g.node[:]
+    g.node.extend(rewrite.nodes)
+    _retype_value_info(g, rewrite.half)
+    return out
+
+
+class _Fp16Pass:
+    """One walk over the nodes in graph order: decides each node's precision (the rule in the
+    module docstring), inserts the Casts where precisions meet, and records which constants
+    their consumers need in fp16."""
+
+    def __init__(self, g, types: dict[str, int], blocked_ops: set[str], keep: set[str]):
+        from onnx import TensorProto
+
+        self.types, self.blocked_ops, self.keep = types, blocked_ops, keep
+        self.FLOAT, self.HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+        graph_inputs = {i.name for i in g.input}
+        self.consts = {
+            i.name: i
+            for i in g.initializer
+            if i.data_type == self.FLOAT and i.name not in graph_inputs
+        }
+        self.half: set[str] = set()  # float activations stored as fp16
+        self.const_use: dict[str, set[int]] = {}  # constant -> dtypes its consumers need
+        self.half_slots: dict[str, list] = {}  # constant -> (node, input index), fp16 consumers
+        self.casts: dict[tuple[str, int], str] = {}
+        self.nodes: list = []  # the rewritten node list
+
+    def is_float(self, name: str) -> bool:
+        return self.types.get(name) == self.FLOAT
+
+    def _blocked(self, node) -> bool:
+        return (
+            node.op_type in self.blocked_ops
+            or node.name in self.keep
             or node.domain not in ("", "ai.onnx")
             or any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
         )
-        seed = any(n in consts and len(consts[n].dims) >= 2 for _, n in ins)
-        fp16 = not blocked and (seed or any(n in half for _, n in ins))
+
+    def visit(self, node) -> None:
+        """Append ``node`` (and any Casts its inputs need) to ``self.nodes``."""
+        ins = [(i, n) for i, n in enumerate(node.input) if n and self.is_float(n)]
+        if not ins and not any(o and self.is_float(o) for o in node.output):
+            self.nodes.append(node)
+            return
+        for o in node.output:  # untyped outputs of float ops: assume they carry the float type
+            if o and o not in self.types and ins and node.op_type not in _NON_FLOAT_OUTPUT_OPS:
+                self.types[o] = self.FLOAT
+        fixed = _FIXED_FLOAT_INPUTS.get(node.op_type, ())
+        seed = any(n in self.consts and len(self.consts[n].dims) >= 2 for _, n in ins)
+        fp16 = not self._blocked(node) and (seed or any(n in self.half for _, n in ins))
         for i, name in ins:
-            want = HALF if fp16 and i not in fixed else FLOAT
-            if name in consts:
-                const_use.setdefault(name, set()).add(want)
-                if want == HALF:
-                    half_slots.setdefault(name, []).append((node, i))
-            elif (want == HALF) != (name in half):
-                key = (name, want)
-                if key not in casts:
-                    casts[key] = f"{name}_to_{'fp16' if want == HALF else 'fp32'}"
-                    nodes.append(
-                        helper.make_node("Cast", [name], [casts[key]], name=casts[key], to=want)
-                    )
-                    types[casts[key]] = FLOAT
-                    if want == HALF:
-                        half.add(casts[key])
-                node.input[i] = casts[key]
+            want = self.HALF if fp16 and i not in fixed else self.FLOAT
+            if name in self.consts:
+                self.const_use.setdefault(name, set()).add(want)
+                if want == self.HALF:
+                    self.half_slots.setdefault(name, []).append((node, i))
+            elif (want == self.HALF) != (name in self.half):
+                node.input[i] = self._cast(name, want)
         if fp16:
-            half.update(o for o in node.output if o and is_float(o))
+            self.half.update(o for o in node.output if o and self.is_float(o))
             if node.op_type == "Cast":
                 for a in node.attribute:
-                    if a.name == "to" and a.i == FLOAT:
-                        a.i = HALF
-        nodes.append(node)
+                    if a.name == "to" and a.i == self.FLOAT:
+                        a.i = self.HALF
+        self.nodes.append(node)
 
-    # fp16 graph outputs: rename the tensor inside, cast back to fp32 under the output's name
-    for o in g.output:
-        if o.name in half:
+    def _cast(self, name: str, want: int) -> str:
+        """The name of ``name`` cast to ``want`` (one Cast per tensor and dtype)."""
+        from onnx import helper
+
+        key = (name, want)
+        if key not in self.casts:
+            self.casts[key] = f"{name}_to_{'fp16' if want == self.HALF else 'fp32'}"
+            self.nodes.append(
+                helper.make_node("Cast", [name], [self.casts[key]], name=self.casts[key], to=want)
+            )
+            self.types[self.casts[key]] = self.FLOAT
+            if want == self.HALF:
+                self.half.add(self.casts[key])
+        return self.casts[key]
+
+    def cast_outputs_back(self, outputs) -> None:
+        """fp16 graph outputs: rename the tensor inside, cast back to fp32 under its own name."""
+        from onnx import helper
+
+        for o in outputs:
+            if o.name not in self.half:
+                continue
             inner = f"{o.name}_fp16"
-            for n in nodes:
+            for n in self.nodes:
                 n.input[:] = [inner if x == o.name else x for x in n.input]
                 n.output[:] = [inner if x == o.name else x for x in n.output]
-            nodes.append(
-                helper.make_node("Cast", [inner], [o.name], name=inner + "_cast", to=FLOAT)
+            self.nodes.append(
+                helper.make_node("Cast", [inner], [o.name], name=inner + "_cast", to=self.FLOAT)
             )
-            half.discard(o.name)
-            half.add(inner)
+            self.half.discard(o.name)
+            self.half.add(inner)
 
-    del g.node[:]
-    g.node.extend(nodes)
-    _convert_constants(g, consts, const_use, half_slots, numpy_helper)
+
+def _retype_value_info(g, half: set[str]) -> None:
+    """value_info element types after the rewrite (the exporter writes them for initializers
+    too, whose types come from the converted initializers)."""
+    from onnx import TensorProto
+
     init_types = {i.name: i.data_type for i in g.initializer}
-    for vi in g.value_info:  # the exporter also writes value_info for initializers
+    for vi in g.value_info:
         tt = vi.type.tensor_type
         if vi.name in init_types:
             tt.elem_type = init_types[vi.name]
-        elif vi.name in half and tt.elem_type == FLOAT:
-            tt.elem_type = HALF
-    return out
+        elif vi.name in half and tt.elem_type == TensorProto.FLOAT:
+            tt.elem_type = TensorProto.FLOAT16
 
 
 def _hoist_float_constants(g, numpy_helper) -> None:

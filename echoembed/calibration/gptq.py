@@ -61,8 +61,9 @@ def collect_hessians(model, inputs: list[str], reader) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """What GPTQ needs from a Hessian, shared by every weight fed by the same input."""
+class FactoredHessian:
+    """A layer input's Hessian made ready for GPTQ (dampened, factored), shared by every weight
+    fed by that input."""
 
     u: np.ndarray  # float32 [K, K] upper Cholesky factor of H^-1 (H^-1 = U^T U), permuted
     dead: np.ndarray  # bool [K]: input channels that are always zero
@@ -93,7 +94,7 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_tril_inverse(m)[::-1, ::-1])
 
 
-def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -> Prepared:
+def factor_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -> FactoredHessian:
     """Dampen ``h`` (``damp`` x mean diagonal), drop dead channels, factor the inverse."""
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise InternalError(f"Hessian must be square, got {h.shape}")
@@ -119,7 +120,7 @@ def prepare_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = False) 
             scale *= 10.0
     else:
         raise InternalError("Hessian is not positive definite even with 1e5x damping")
-    return Prepared(u.astype(np.float32), dead, perm)
+    return FactoredHessian(u.astype(np.float32), dead, perm)
 
 
 def group_params(
@@ -184,10 +185,14 @@ def _gptq_rows(w: np.ndarray, u: np.ndarray, block_size: int, group_of, params) 
     return codes
 
 
-def gptq_prepared(
-    w: np.ndarray, prep: Prepared, block_size: int, symmetric: bool, float_zero: bool = False
+def gptq_factored(
+    w: np.ndarray,
+    prep: FactoredHessian,
+    block_size: int,
+    symmetric: bool,
+    float_zero: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`gptq_weight` with the Hessian already factored by :func:`prepare_hessian`."""
+    """:func:`gptq_weight` with the Hessian already factored by :func:`factor_hessian`."""
     check_block_size(block_size)
     if symmetric and float_zero:
         raise UserError("float_zero is for asymmetric quantization (symmetric has zero point 8)")
@@ -240,8 +245,8 @@ def gptq_weight(
     the original weights). Dequantized: ``(codes - zero) * scale``. With ``float_zero`` the zero
     points are float32 (see :func:`group_params`).
     """
-    prep = prepare_hessian(h, damp, act_order)
-    return gptq_prepared(w, prep, block_size, symmetric, float_zero)
+    prep = factor_hessian(h, damp, act_order)
+    return gptq_factored(w, prep, block_size, symmetric, float_zero)
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int):
@@ -286,6 +291,24 @@ def pack_matmulnbits(
     if groups % 2:
         z = np.concatenate([z, np.full((n, 1), 8, dtype=np.uint8)], axis=1)  # as onnxruntime
     return b, s, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4), dtype=np.uint8)
+
+
+def set_accuracy_level(model, accuracy_level: int) -> int:
+    """Give every MatMulNBits node of ``model`` the ``accuracy_level`` attribute (0, the op's
+    default, is written as no attribute, as onnxruntime's quantizers do). Returns the count."""
+    from onnx import helper
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+            continue
+        keep = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        if accuracy_level:
+            node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
+        count += 1
+    return count
 
 
 def _ensure_ms_opset(model) -> None:
@@ -472,18 +495,18 @@ def gptq_solve(
     hessians = collect_hessians(model, inputs, reader)
     left = {name: sum(ln.input == name for ln in nodes) for name in inputs}
     inits = {t.name: t for t in model.graph.initializer}
-    prepared: dict[str, Prepared] = {}
+    factored: dict[str, FactoredHessian] = {}
     every = max(1, len(nodes) // 10)
     out = {}
     with one_blas_thread():
         for done, ln in enumerate(nodes, start=1):
-            if ln.input not in prepared:
-                prepared[ln.input] = prepare_hessian(hessians.pop(ln.input), damp, act_order)
+            if ln.input not in factored:
+                factored[ln.input] = factor_hessian(hessians.pop(ln.input), damp, act_order)
             w = numpy_helper.to_array(inits[ln.weight]).astype(np.float32)
-            out[ln.name] = gptq_prepared(w, prepared[ln.input], block_size, symmetric, float_zero)
+            out[ln.name] = gptq_factored(w, factored[ln.input], block_size, symmetric, float_zero)
             left[ln.input] -= 1
             if not left[ln.input]:
-                del prepared[ln.input]
+                del factored[ln.input]
             if done % every == 0 or done == len(nodes):
                 progress(f"  GPTQ {done}/{len(nodes)} layers")
     return out

@@ -1,11 +1,16 @@
 """``quantize(artifact, out_dir, config, options) -> Artifact``: one entry point, typed recipes.
 
-Stages: read and verify the fp32 parent; sample calibration and held-out texts; prepare the float
-graph (SmoothQuant for INT8) and what the recipe measures once (INT8 static: activation ranges,
-cached; GPTQ: Hessians); quantize with the excluded layers kept in float; measure mean/min cosine
-against the parent on held-out texts (and STS Spearman when asked); with ``max_drop``, keep the
-most sensitive layers in float until the budget holds; write a complete artifact atomically
-(nothing is left at the target when the budget is missed, unless ``allow_over_budget``).
+One run is one ``QuantizeJob`` that goes through three parts:
+
+- **prepare** (``_open_job``, ``_prepare``): read and verify the fp32 parent; sample calibration
+  and held-out texts; smooth the float graph (SmoothQuant for INT8), save it, and measure what the
+  recipe needs once (INT8 static: activation ranges, cached; GPTQ: Hessians);
+- **search** (``_search``): quantize with the excluded layers kept in float and measure mean/min
+  cosine against the parent on held-out texts (and STS Spearman when asked); with ``max_drop``,
+  keep the most sensitive layers in float until the budget holds;
+- **write** (``_write``): a complete artifact, staged and renamed into place (nothing is left at
+  the target when the budget is missed, unless ``allow_over_budget``), whose manifest describes
+  the saved graph (opsets, inputs and outputs read from it) and the settings as applied.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import fnmatch
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,9 +33,12 @@ from echoembed.artifact import (
     MODEL_FILE,
     TOKENIZER_NAME,
     Artifact,
+    Manifest,
     QuantizationInfo,
+    TensorSpec,
     atomic_write,
     check_target,
+    graph_opset_imports,
     hash_files,
     read_manifest,
     sha256_file,
@@ -69,10 +78,20 @@ from echoembed.calibration.static import (
     read_cache,
     write_cache,
 )
-from echoembed.echo import embed_texts
-from echoembed.errors import AccuracyBudgetError, ArtifactError, InputError, UserError, require
+from echoembed.echo import EchoEncoder, embed_texts
+from echoembed.errors import (
+    AccuracyBudgetError,
+    ArtifactError,
+    InputError,
+    InternalError,
+    UserError,
+    require,
+)
 from echoembed.runtime import Embedder, OrtRunner
 from echoembed.validation.sts import StsData, read_sts, sts_spearman
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +105,44 @@ class Attempt:
 
 
 @dataclass
-class Prepared:
-    """What a recipe measures once and every attempt of the budget search reuses."""
+class FloatGraph:
+    """The saved float graph every attempt quantizes, and what the recipe measured on it once."""
 
-    float_path: Path
+    path: Path
     linear: dict[str, LinearNode]
+    smoothed: tuple[str, ...] = ()  # modules SmoothQuant rewrote
     ranges: dict[str, float] | None = None  # INT8 static: activation thresholds
     gptq: dict[str, tuple] | None = None  # GPTQ: (codes, scales, zeros) per layer
+
+
+@dataclass
+class QuantizeJob:
+    """One ``quantize`` run: its inputs, what is derived from them, and where it writes."""
+
+    parent_dir: Path
+    parent: Manifest
+    out: Path
+    config: RecipeConfig  # resolved (``resolve_recipe``): what the manifest records
+    options: QuantizeOptions
+    progress: Callable[[str], None]
+    sts: StsData | None  # the Spearman budget's pairs
+    encoder: EchoEncoder
+    cal: CalibrationSet
+    evaluate: Evaluator
+    reader: FixedShapeReader
+    model: ModelProto  # the parent's graph (Gemms rewritten); smoothed in place by _prepare
+    linear: dict[str, LinearNode]
+    excluded: tuple[str, ...]  # asked for by the config; the search may add more
+    stage: Path | None = None  # the staged artifact directory
+    work: Path | None = None  # scratch directory (the float graph), removed always
+    graph: FloatGraph | None = None
+    tried: list[Attempt] = field(default_factory=list)
+
+    @property
+    def model_path(self) -> Path:
+        if self.stage is None:
+            raise InternalError("the job has no staged directory yet")
+        return self.stage / MODEL_FILE
 
 
 def _match(patterns: tuple[str, ...], linear: dict[str, LinearNode]) -> tuple[str, ...]:
@@ -120,47 +170,50 @@ def _save(model, path: Path) -> None:
     )
 
 
-def _apply(prep: Prepared, config: RecipeConfig, excluded: tuple[str, ...], out: Path) -> None:
-    """Quantize the float graph at ``prep.float_path`` into ``out`` (model.onnx)."""
+# --- quantizing the float graph -------------------------------------------------------------
+
+
+def _apply(graph: FloatGraph, config: RecipeConfig, excluded: tuple[str, ...], out: Path) -> None:
+    """Quantize the float graph at ``graph.path`` into ``out`` (model.onnx)."""
     onnx = require("onnx", "export")
     for f in out.parent.glob(MODEL_FILE + "*"):
         f.unlink()
-    quantizable = [n for n in prep.linear if n not in excluded]
+    quantizable = [n for n in graph.linear if n not in excluded]
     if isinstance(config, Fp16Config):
-        _save(_to_fp16(onnx.load(str(prep.float_path)), config, excluded), out)
-        return
-    if not quantizable:  # onnxruntime reads an empty node list as "quantize everything"
-        _save(onnx.load(str(prep.float_path)), out)
-        return
-    if isinstance(config, Int8DynamicConfig):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with _without_preprocess_hint():
-            quantize_dynamic(
-                str(prep.float_path),
-                str(out),
-                per_channel=config.per_channel,
-                reduce_range=bool(config.reduce_range),
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul", "Gemm"],
-                nodes_to_quantize=quantizable,
-                use_external_data_format=prep.float_path.with_name(
-                    prep.float_path.name + ".data"
-                ).exists(),
-            )
+        _save(_to_fp16(onnx.load(str(graph.path)), config, excluded), out)
+    elif not quantizable:  # onnxruntime reads an empty node list as "quantize everything"
+        _save(onnx.load(str(graph.path)), out)
+    elif isinstance(config, Int8DynamicConfig):
+        _int8_dynamic(graph.path, config, quantizable, out)
     elif isinstance(config, Int8StaticConfig):
-        model = onnx.load(str(prep.float_path))
-        nodes = [prep.linear[n] for n in quantizable]
+        model = onnx.load(str(graph.path))
+        nodes = [graph.linear[n] for n in quantizable]
         insert_qdq(
-            model, nodes, prep.ranges, config.per_channel, config.activations,
+            model, nodes, graph.ranges, config.per_channel, config.activations,
             weight_max=63 if config.reduce_range else 127,
         )  # fmt: skip
         _save(model, out)
     else:
-        model = _int4(prep, config, quantizable, excluded)
+        model = _int4(graph, config, quantizable, excluded)
         if config.quantize_embedding:
             model = _int4_embedding(model, config)
         _save(model, out)
+
+
+def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str], out: Path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _without_preprocess_hint():
+        quantize_dynamic(
+            str(float_path),
+            str(out),
+            per_channel=config.per_channel,
+            reduce_range=bool(config.reduce_range),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_quantize=nodes,
+            use_external_data_format=float_path.with_name(float_path.name + ".data").exists(),
+        )
 
 
 class _DropPreprocessHint(logging.Filter):
@@ -182,16 +235,18 @@ def _without_preprocess_hint():
         root.removeFilter(drop)
 
 
-def _int4(prep: Prepared, config: Int4WeightOnlyConfig, quantizable: list[str], excluded):
+def _int4(graph: FloatGraph, config: Int4WeightOnlyConfig, quantizable: list[str], excluded):
+    """The linear layers -> MatMulNBits (GPTQ: echoembed's codes; RTN/HQQ: ORT's quantizer),
+    every one carrying ``config.accuracy_level``."""
     onnx = require("onnx", "export")
-    model = onnx.load(str(prep.float_path))
-    if config.algorithm == "gptq":
-        from echoembed.calibration.gptq import to_matmulnbits
+    from echoembed.calibration.gptq import set_accuracy_level, to_matmulnbits
 
+    model = onnx.load(str(graph.path))
+    if config.algorithm == "gptq":
         for name in quantizable:
-            codes, scales, zeros = prep.gptq[name]
+            codes, scales, zeros = graph.gptq[name]
             to_matmulnbits(
-                model, prep.linear[name], codes, scales, zeros, config.block_size,
+                model, graph.linear[name], codes, scales, zeros, config.block_size,
                 config.accuracy_level,
             )  # fmt: skip
         return model
@@ -220,7 +275,10 @@ def _int4(prep: Prepared, config: Int4WeightOnlyConfig, quantizable: list[str], 
         algo_config=algo,
     )
     q.process()
-    return q.model.model
+    model = q.model.model
+    # ORT's HQQ quantizer takes no accuracy_level and writes none (ORT 1.32): set it here
+    set_accuracy_level(model, config.accuracy_level)
+    return model
 
 
 def _int4_embedding(model, config: Int4WeightOnlyConfig):
@@ -260,6 +318,9 @@ def _to_fp16(model, config: Fp16Config, excluded: tuple[str, ...]):
     from echoembed.calibration.fp16 import to_fp16
 
     return to_fp16(model, config.fp32_ops, excluded)
+
+
+# --- the accuracy budget --------------------------------------------------------------------
 
 
 def sensitivity(model, config: RecipeConfig, linear: dict[str, LinearNode], reader) -> list[str]:
@@ -304,6 +365,7 @@ class Evaluator:
 
     def __init__(self, parent: Embedder, texts: tuple[str, ...], sts: StsData | None):
         self.encoder = parent.encoder()
+        self.output_name = parent.manifest.output_name
         self.texts = texts
         self.want = parent.encode(list(texts), show_progress=False)
         self.sts = sts
@@ -313,7 +375,7 @@ class Evaluator:
         return sts_spearman(self.sts, lambda s: embed_texts(runner, self.encoder, s))
 
     def __call__(self, path: Path, excluded: tuple[str, ...]) -> Attempt:
-        runner = OrtRunner(path, providers=["CPUExecutionProvider"])
+        runner = OrtRunner(path, self.output_name, providers=["CPUExecutionProvider"])
         got = embed_texts(runner, self.encoder, self.texts)
         cos = (got * self.want).sum(axis=1)
         rho = None if self.sts is None else self._spearman(runner)
@@ -342,74 +404,17 @@ def _budget_sts(options: QuantizeOptions) -> StsData | None:
         raise UserError(f"{e}; the Spearman budget needs an STS TSV (--sts)") from e
 
 
-def _prepare(model, config, linear, reader, encoder, cal, options, work: Path, progress):
-    """Smooth (INT8), save the float graph, and measure what the recipe needs once."""
-    smoothed: list[str] = []
-    alpha = getattr(config, "smooth_alpha", None)
-    if alpha is not None:
-        downs = [d.input for _, d in mlp_pairs(model, linear)]
-        groups = [lns[0].input for _, lns in norm_groups(model, linear)]
-        if downs or groups:
-            progress(
-                f"SmoothQuant (alpha {alpha}): {len(downs)} MLP down projections, "
-                f"{len(groups)} norm-fed groups ..."
-            )
-            amax = input_abs_max(model, downs + groups, reader)
-            smoothed = smooth_mlp(model, amax, alpha)
-            smoothed += smooth_norm_inputs(model, linear, amax, alpha)
-    prep = Prepared(work / "float.onnx", linear)
-    _save(model, prep.float_path)
-    if isinstance(config, Int8StaticConfig):
-        prep.ranges = _static_ranges(prep, model, config, reader, encoder, cal, options, progress)
-    elif isinstance(config, Int4WeightOnlyConfig) and config.algorithm == "gptq":
-        from echoembed.calibration.gptq import gptq_solve
-
-        prep.gptq = gptq_solve(
-            model, list(linear.values()), reader, config.block_size, config.symmetric,
-            config.gptq_damp, config.gptq_act_order, config.float_zero, progress,
-        )  # fmt: skip
-    return prep, smoothed
+# --- prepare --------------------------------------------------------------------------------
 
 
-def _static_ranges(prep, model, config, reader, encoder, cal, options, progress):
-    tensors = sorted({ln.input for ln in prep.linear.values()})
-    key = CacheKey(
-        files_sha256(prep.float_path),
-        encoder.config.template.source,
-        cal.sha256,
-        config.method,
-        config.percentile if config.method == "percentile" else 0.0,
-    )
-    cache = Path(options.calibration_cache) if options.calibration_cache else None
-    if cache is not None:
-        ranges = read_cache(cache, key)
-        if ranges is not None and set(tensors) <= set(ranges):
-            progress(f"activation ranges from the cache {cache}")
-            return ranges
-    progress(f"calibrating {len(tensors)} activation ranges ({config.method}) ...")
-    ranges = collect_ranges(model, tensors, reader, config.method, config.percentile, progress)
-    if cache is not None:
-        write_cache(cache, key, ranges)
-        progress(f"wrote the calibration cache {cache}")
-    return ranges
-
-
-def quantize(
+def _open_job(
     artifact_dir: str | Path,
     out_dir: str | Path,
     config: RecipeConfig,
-    options: QuantizeOptions | None = None,
-    progress: Callable[[str], None] = lambda s: None,
-) -> Artifact:
-    """Quantize the fp32 artifact at ``artifact_dir`` into a new artifact at ``out_dir``."""
-    if not isinstance(config, RECIPE_TYPES):
-        raise TypeError(
-            "config must be one of "
-            + ", ".join(t.__name__ for t in RECIPE_TYPES)
-            + f"; got {type(config).__name__}"
-        )
-    config = resolve_recipe(config)
-    options = options or QuantizeOptions()
+    options: QuantizeOptions,
+    progress: Callable[[str], None],
+) -> QuantizeJob:
+    """Read and verify the fp32 parent, load the calibration texts and the parent's graph."""
     onnx = require("onnx", "export")
     parent_dir, out = Path(artifact_dir), Path(out_dir)
     parent = read_manifest(parent_dir)
@@ -428,125 +433,142 @@ def quantize(
         f"{config.recipe}: {len(cal.calibration)} calibration + {len(cal.evaluation)} held-out "
         f"texts from {cal.source}" + (f"; STS budget on {len(sts)} pairs" if sts else "")
     )
-    evaluate = Evaluator(runtime, cal.evaluation, sts)
-    reader = FixedShapeReader(encoder, cal.calibration, options.calibration.batch_size)
     model = onnx.load(str(parent_dir / parent.model_file))
     gemm_to_matmul(model)
     linear = linear_nodes(model)
-    excluded = _match(config.exclude, linear)
-    with staged_dir(out, force=options.force) as stage:
-        tmp, work = stage.path, stage.scratch()
-        prep, smoothed = _prepare(
-            model, config, linear, reader, encoder, cal, options, work, progress
-        )
-        model_path = tmp / MODEL_FILE
-        tried: list[Attempt] = []
-        metric = options.metric
-
-        def attempt(excl: tuple[str, ...]) -> Attempt:
-            _apply(prep, config, excl, model_path)
-            a = evaluate(model_path, excl)
-            rho = "" if a.spearman is None else f", STS Spearman {a.spearman:.2f}"
-            progress(
-                f"  {len(excl)} layers kept in float: mean cosine {a.mean_cosine:.5f}, "
-                f"min {a.min_cosine:.5f}{rho}"
-            )
-            tried.append(a)
-            return a
-
-        progress("quantizing ...")
-        best = attempt(excluded)
-        budget = options.max_drop
-        if budget is not None and evaluate.drop(best, metric) > budget:
-            limit = int(options.max_float_fraction * len(linear)) - len(excluded)
-            order = sensitivity(model, config, linear, reader)
-            best = _search(
-                order, excluded, lambda a: evaluate.drop(a, metric) <= budget, limit, attempt,
-                progress,
-            )  # fmt: skip
-            if tried[-1].excluded != best.excluded:  # the file on disk must be `best`
-                attempt(best.excluded)
-        within = budget is None or evaluate.drop(best, metric) <= budget
-        if not within and not options.allow_over_budget:
-            unit = "mean cosine" if metric == "cosine" else "STS Spearman points"
-            raise AccuracyBudgetError(
-                f"{config.recipe} misses the budget: drop of {evaluate.drop(best, metric):.5f} "
-                f"{unit} vs fp32 > max_drop {budget}, even with {len(best.excluded)} of "
-                f"{len(linear)} layers kept in float (at most {options.max_float_fraction:.0%}); "
-                "no artifact was written. Raise --max-drop, choose another recipe, or pass "
-                "--allow-over-budget"
-            )
-        shutil.copy2(parent_dir / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-        info = QuantizationInfo(
-            recipe=config.recipe,
-            settings=config,
-            parent_sha256=sha256_file(parent_dir / parent.model_file),
-            calibration_source=cal.source,
-            calibration_sha256=cal.sha256,
-            calibration_texts=len(cal.calibration),
-            excluded=best.excluded,
-            smoothed=tuple(smoothed),
-            eval_texts=len(cal.evaluation),
-            mean_cosine=best.mean_cosine,
-            min_cosine=best.min_cosine,
-            max_drop=budget,
-            within_budget=within,
-            metric=metric,
-            sts_source=None if sts is None else str(options.sts or options.calibration.path),
-            sts_pairs=0 if sts is None else len(sts),
-            sts_spearman=best.spearman,
-            parent_sts_spearman=evaluate.parent_spearman,
-        )
-        manifest = dataclasses.replace(
-            parent,
-            model_file=MODEL_FILE,
-            precision=config.recipe,
-            parity=None,  # the export-time check was the parent's; accuracy is in `quantization`
-            files=hash_files(tmp),
-            quantization=info,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )
-        atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
-    progress(f"wrote {out}")
-    return Artifact(out, manifest)
+    return QuantizeJob(
+        parent_dir=parent_dir,
+        parent=parent,
+        out=out,
+        config=config,
+        options=options,
+        progress=progress,
+        sts=sts,
+        encoder=encoder,
+        cal=cal,
+        evaluate=Evaluator(runtime, cal.evaluation, sts),
+        reader=FixedShapeReader(encoder, cal.calibration, options.calibration.batch_size),
+        model=model,
+        linear=linear,
+        excluded=_match(config.exclude, linear),
+    )
 
 
-def quantize_or_reuse(
-    artifact_dir: str | Path,
-    out_dir: str | Path,
-    config: RecipeConfig,
-    options: QuantizeOptions | None = None,
-    progress: Callable[[str], None] = lambda s: None,
-) -> tuple[Artifact, bool]:
-    """Reuse ``out_dir`` when it verifies and was made from this parent with this recipe and
-    settings; otherwise quantize (replacing it). Returns (artifact, reused)."""
-    config = resolve_recipe(config)
-    options = options or QuantizeOptions()
-    parent = read_manifest(artifact_dir)
-    out = Path(out_dir)
-    if (out / MANIFEST_NAME).is_file():
-        try:
-            have = read_manifest(out)
-            verify_files(out, have)
-            q = have.quantization
-            same = (
-                q is not None
-                and q.recipe == config.recipe
-                and q.settings == config
-                and q.parent_sha256 == parent.files.get(parent.model_file)
-                and q.calibration_source == calibration_source(options.calibration)
-            )
-        except ArtifactError as e:
-            progress(f"not reusing {out}: {e}")
-            same = False
-        if same:
-            progress(f"reusing {out} ({config.recipe}, same parent and settings)")
-            return Artifact(out, have), True
-    forced = dataclasses.replace(options, force=True)
-    return quantize(artifact_dir, out, config, forced, progress), False
+def _smooth_alpha(config: RecipeConfig) -> float | None:
+    if isinstance(config, (Int8DynamicConfig, Int8StaticConfig)):
+        return config.smooth_alpha
+    return None
 
 
-def _search(order, excluded, ok, limit, attempt, progress) -> Attempt:
+def _smooth(job: QuantizeJob) -> tuple[str, ...]:
+    """SmoothQuant the job's graph in place (INT8 with ``smooth_alpha``); the modules rewritten."""
+    alpha = _smooth_alpha(job.config)
+    if alpha is None:
+        return ()
+    model, linear = job.model, job.linear
+    downs = [d.input for _, d in mlp_pairs(model, linear)]
+    groups = [lns[0].input for _, lns in norm_groups(model, linear)]
+    if not downs and not groups:
+        return ()
+    job.progress(
+        f"SmoothQuant (alpha {alpha}): {len(downs)} MLP down projections, "
+        f"{len(groups)} norm-fed groups ..."
+    )
+    amax = input_abs_max(model, downs + groups, job.reader)
+    smoothed = smooth_mlp(model, amax, alpha)
+    smoothed += smooth_norm_inputs(model, linear, amax, alpha)
+    return tuple(smoothed)
+
+
+def _prepare(job: QuantizeJob) -> FloatGraph:
+    """Smooth (INT8), save the float graph, and measure what the recipe needs once."""
+    if job.work is None:
+        raise InternalError("the job has no scratch directory yet")
+    smoothed = _smooth(job)
+    graph = FloatGraph(job.work / "float.onnx", job.linear, smoothed)
+    _save(job.model, graph.path)
+    config = job.config
+    if isinstance(config, Int8StaticConfig):
+        graph.ranges = _static_ranges(job, graph, config)
+    elif isinstance(config, Int4WeightOnlyConfig) and config.algorithm == "gptq":
+        from echoembed.calibration.gptq import gptq_solve
+
+        graph.gptq = gptq_solve(
+            job.model, list(job.linear.values()), job.reader, config.block_size,
+            config.symmetric, config.gptq_damp, config.gptq_act_order, config.float_zero,
+            job.progress,
+        )  # fmt: skip
+    job.graph = graph
+    return graph
+
+
+def _static_ranges(job: QuantizeJob, graph: FloatGraph, config: Int8StaticConfig):
+    """Activation thresholds of every linear input: from the cache when it is fresh, else
+    measured on the calibration texts (and cached)."""
+    tensors = sorted({ln.input for ln in graph.linear.values()})
+    key = CacheKey(
+        files_sha256(graph.path),
+        job.encoder.config.template.source,
+        job.cal.sha256,
+        config.method,
+        config.percentile if config.method == "percentile" else 0.0,
+    )
+    cache = Path(job.options.calibration_cache) if job.options.calibration_cache else None
+    if cache is not None:
+        ranges = read_cache(cache, key)
+        if ranges is not None and set(tensors) <= set(ranges):
+            job.progress(f"activation ranges from the cache {cache}")
+            return ranges
+    job.progress(f"calibrating {len(tensors)} activation ranges ({config.method}) ...")
+    ranges = collect_ranges(
+        job.model, tensors, job.reader, config.method, config.percentile, job.progress
+    )
+    if cache is not None:
+        write_cache(cache, key, ranges)
+        job.progress(f"wrote the calibration cache {cache}")
+    return ranges
+
+
+# --- search ---------------------------------------------------------------------------------
+
+
+def _attempt(job: QuantizeJob, excluded: tuple[str, ...]) -> Attempt:
+    """Quantize with ``excluded`` kept in float into the staged model file and measure it."""
+    _apply(job.graph, job.config, excluded, job.model_path)
+    a = job.evaluate(job.model_path, excluded)
+    rho = "" if a.spearman is None else f", STS Spearman {a.spearman:.2f}"
+    job.progress(
+        f"  {len(excluded)} layers kept in float: mean cosine {a.mean_cosine:.5f}, "
+        f"min {a.min_cosine:.5f}{rho}"
+    )
+    job.tried.append(a)
+    return a
+
+
+def _within(job: QuantizeJob, a: Attempt) -> bool:
+    budget = job.options.max_drop
+    return budget is None or job.evaluate.drop(a, job.options.metric) <= budget
+
+
+def _search(job: QuantizeJob) -> Attempt:
+    """The attempt the artifact keeps: the config's exclusions, or (over budget) the fewest most
+    sensitive layers in float that meet the budget. The staged model file is that attempt."""
+    job.progress("quantizing ...")
+    best = _attempt(job, job.excluded)
+    if _within(job, best):
+        return best
+    limit = int(job.options.max_float_fraction * len(job.linear)) - len(job.excluded)
+    order = sensitivity(job.model, job.config, job.linear, job.reader)
+    best = _bisect_float_layers(
+        order, job.excluded, lambda a: _within(job, a), limit, lambda e: _attempt(job, e),
+        job.progress,
+    )  # fmt: skip
+    if job.tried[-1].excluded != best.excluded:  # the file on disk must be `best`
+        _attempt(job, best.excluded)
+    return best
+
+
+def _bisect_float_layers(order, excluded, ok, limit, attempt, progress) -> Attempt:
     """Keep the top-k most sensitive layers in float, k = 1, 2, 4, ... (at most ``limit``); then
     bisect for the smallest k within budget. Returns the last attempt if none fits."""
     progress("over budget: searching the layers to keep in float ...")
@@ -574,3 +596,203 @@ def _search(order, excluded, ok, limit, attempt, progress) -> Attempt:
         else:
             lo = mid
     return found
+
+
+def _refuse_over_budget(job: QuantizeJob, best: Attempt) -> None:
+    """Raise ``AccuracyBudgetError`` when ``best`` misses the budget (unless allowed)."""
+    if _within(job, best) or job.options.allow_over_budget:
+        return
+    metric = job.options.metric
+    unit = "mean cosine" if metric == "cosine" else "STS Spearman points"
+    raise AccuracyBudgetError(
+        f"{job.config.recipe} misses the budget: drop of {job.evaluate.drop(best, metric):.5f} "
+        f"{unit} vs fp32 > max_drop {job.options.max_drop}, even with {len(best.excluded)} of "
+        f"{len(job.linear)} layers kept in float (at most {job.options.max_float_fraction:.0%}); "
+        "no artifact was written. Raise --max-drop, choose another recipe, or pass "
+        "--allow-over-budget"
+    )
+
+
+# --- write ----------------------------------------------------------------------------------
+
+
+def _tensor_specs(values) -> tuple[TensorSpec, ...]:
+    """Graph inputs or outputs (``ValueInfoProto``) as manifest ``TensorSpec``s."""
+    from onnx import helper
+
+    specs = []
+    for v in values:
+        tt = v.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        dims = tuple(_dim(d) for d in tt.shape.dim)
+        specs.append(TensorSpec(v.name, dtype, dims))
+    return tuple(specs)
+
+
+def _dim(d) -> str | int:
+    """An ONNX dimension as a manifest writes it: its name, its size, or ``?`` when unknown."""
+    if d.dim_param:
+        return d.dim_param
+    return d.dim_value if d.HasField("dim_value") else "?"
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """What a manifest says about its graph, read from the saved graph itself."""
+
+    opset_imports: dict[str, int]  # domain -> version, "" = ai.onnx
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def _graph_contract(path: Path) -> GraphContract:
+    """Opset imports, inputs and outputs of the saved graph at ``path`` (weights not loaded)."""
+    onnx = require("onnx", "export")
+    model = onnx.load(str(path), load_external_data=False)
+    return GraphContract(
+        graph_opset_imports(model),
+        _tensor_specs(model.graph.input),
+        _tensor_specs(model.graph.output),
+    )
+
+
+def _check_contract(contract: GraphContract, parent: Manifest) -> None:
+    """The quantized graph keeps the parent's input and output names, dtypes and ranks (what a
+    runner feeds and fetches) and imports a default-domain opset."""
+    for kind, want, got in (
+        ("inputs", parent.inputs, contract.inputs),
+        ("outputs", parent.outputs, contract.outputs),
+    ):
+        if [(t.name, t.dtype, len(t.shape)) for t in want] != [
+            (t.name, t.dtype, len(t.shape)) for t in got
+        ]:
+            raise InternalError(f"the quantized graph's {kind} {got} differ from the parent's")
+    if "" not in contract.opset_imports:
+        raise InternalError(
+            f"the quantized graph imports no default-domain opset: {contract.opset_imports}"
+        )
+
+
+def _describes_graph(root: Path, manifest: Manifest) -> bool:
+    """Whether the manifest's graph-describing fields are those of its saved graph (manifests of
+    older echoembed versions recorded the parent's opset)."""
+    contract = _graph_contract(root / manifest.model_file)
+    return (
+        manifest.opset_imports == contract.opset_imports
+        and manifest.opset == contract.opset_imports.get("")
+        and manifest.inputs == contract.inputs
+        and manifest.outputs == contract.outputs
+    )
+
+
+def _quantization_info(job: QuantizeJob, best: Attempt) -> QuantizationInfo:
+    options, cal, sts = job.options, job.cal, job.sts
+    return QuantizationInfo(
+        recipe=job.config.recipe,
+        settings=job.config,
+        parent_sha256=sha256_file(job.parent_dir / job.parent.model_file),
+        calibration_source=cal.source,
+        calibration_sha256=cal.sha256,
+        calibration_texts=len(cal.calibration),
+        excluded=best.excluded,
+        smoothed=job.graph.smoothed,
+        eval_texts=len(cal.evaluation),
+        mean_cosine=best.mean_cosine,
+        min_cosine=best.min_cosine,
+        max_drop=options.max_drop,
+        within_budget=_within(job, best),
+        metric=options.metric,
+        sts_source=None if sts is None else str(options.sts or options.calibration.path),
+        sts_pairs=0 if sts is None else len(sts),
+        sts_spearman=best.spearman,
+        parent_sts_spearman=job.evaluate.parent_spearman,
+    )
+
+
+def _write(job: QuantizeJob, best: Attempt) -> Manifest:
+    """Tokenizer and manifest into the staged directory; the manifest's graph-describing fields
+    (opset, opset_imports, inputs, outputs) are read from the saved quantized graph."""
+    stage = job.stage
+    shutil.copy2(job.parent_dir / TOKENIZER_NAME, stage / TOKENIZER_NAME)
+    graph = _graph_contract(job.model_path)
+    _check_contract(graph, job.parent)
+    manifest = dataclasses.replace(
+        job.parent,
+        model_file=MODEL_FILE,
+        precision=job.config.recipe,
+        opset=graph.opset_imports[""],
+        opset_imports=graph.opset_imports,
+        inputs=graph.inputs,
+        outputs=graph.outputs,
+        parity=None,  # the export-time check was the parent's; accuracy is in `quantization`
+        files=hash_files(stage),
+        quantization=_quantization_info(job, best),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write(stage / MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def quantize(
+    artifact_dir: str | Path,
+    out_dir: str | Path,
+    config: RecipeConfig,
+    options: QuantizeOptions | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> Artifact:
+    """Quantize the fp32 artifact at ``artifact_dir`` into a new artifact at ``out_dir``."""
+    if not isinstance(config, RECIPE_TYPES):
+        raise TypeError(
+            "config must be one of "
+            + ", ".join(t.__name__ for t in RECIPE_TYPES)
+            + f"; got {type(config).__name__}"
+        )
+    options = options or QuantizeOptions()
+    job = _open_job(artifact_dir, out_dir, resolve_recipe(config), options, progress)
+    with staged_dir(job.out, force=options.force) as stage:
+        job.stage, job.work = stage.path, stage.scratch()
+        _prepare(job)
+        best = _search(job)
+        _refuse_over_budget(job, best)
+        manifest = _write(job, best)
+    progress(f"wrote {job.out}")
+    return Artifact(job.out, manifest)
+
+
+def quantize_or_reuse(
+    artifact_dir: str | Path,
+    out_dir: str | Path,
+    config: RecipeConfig,
+    options: QuantizeOptions | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> tuple[Artifact, bool]:
+    """Reuse ``out_dir`` when it verifies, was made from this parent with this recipe and
+    settings (the resolved config equals the manifest's) and its manifest describes its graph;
+    otherwise quantize (replacing it). Returns (artifact, reused)."""
+    config = resolve_recipe(config)
+    options = options or QuantizeOptions()
+    parent = read_manifest(artifact_dir)
+    out = Path(out_dir)
+    if (out / MANIFEST_NAME).is_file():
+        try:
+            have = read_manifest(out)
+            verify_files(out, have)
+            q = have.quantization
+            same = (
+                q is not None
+                and q.recipe == config.recipe
+                and q.settings == config
+                and q.parent_sha256 == parent.files.get(parent.model_file)
+                and q.calibration_source == calibration_source(options.calibration)
+            )
+            if same and not _describes_graph(out, have):
+                progress(f"not reusing {out}: its manifest does not describe its graph")
+                same = False
+        except ArtifactError as e:
+            progress(f"not reusing {out}: {e}")
+            same = False
+        if same:
+            progress(f"reusing {out} ({config.recipe}, same parent and settings)")
+            return Artifact(out, have), True
+    forced = dataclasses.replace(options, force=True)
+    return quantize(artifact_dir, out, config, forced, progress), False

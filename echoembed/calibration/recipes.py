@@ -117,7 +117,8 @@ def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
         return config
     from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
 
-    u8 = runs_u8s8(config.recipe, getattr(config, "activations", None))
+    activations = config.activations if isinstance(config, Int8StaticConfig) else None
+    u8 = runs_u8s8(config.recipe, activations)
     return dataclasses.replace(config, reduce_range=u8 and u8s8_saturates())
 
 

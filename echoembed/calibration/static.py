@@ -24,12 +24,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from echoembed.artifact import atomic_write_json, sha256_file
 from echoembed.calibration.graph import LinearNode, probe
 from echoembed.errors import InputError, require
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +173,7 @@ def insert_qdq(
     63 gives 7-bit weights (``reduce_range``: no saturation in u8 x s8 kernels without VNNI)."""
     zero = np.array(128, dtype=np.uint8) if activations == "uint8" else np.array(0, dtype=np.int8)
     require("onnx", "export")
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     new_inits, qdq_of = [], {}
@@ -177,43 +181,60 @@ def insert_qdq(
     for ln in nodes:
         x = ln.input
         if x not in qdq_of:
-            thr = max(ranges[x], 1e-8)
-            s, z = f"{x}/act_scale", f"{x}/act_zero"
-            new_inits += [
-                numpy_helper.from_array(np.array(thr / 127.0, dtype=np.float32), s),
-                numpy_helper.from_array(zero, z),
-            ]
-            qdq_of[x] = f"{x}/dq"
-            before.setdefault(ln.name, []).extend(
-                [
-                    helper.make_node("QuantizeLinear", [x, s, z], [f"{x}/q"], name=f"{x}/Q"),
-                    helper.make_node(
-                        "DequantizeLinear", [f"{x}/q", s, z], [qdq_of[x]], name=f"{x}/DQ"
-                    ),
-                ]
-            )
+            tensors, pair = _activation_qdq(x, max(ranges[x], 1e-8), zero)
+            new_inits += tensors
+            before.setdefault(ln.name, []).extend(pair)
+            qdq_of[x] = pair[-1].output[0]
         w = numpy_helper.to_array(inits[ln.weight]).astype(np.float32)  # [K, N]
-        wmax = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
-        ws = (np.maximum(wmax, 1e-12) / weight_max).astype(np.float32)
-        wq = np.clip(np.round(w / ws), -weight_max, weight_max).astype(np.int8)
-        base = ln.module
-        zeros = np.zeros(ws.shape, dtype=np.int8)
-        new_inits += [
-            numpy_helper.from_array(wq, f"{base}.weight_int8"),
-            numpy_helper.from_array(ws, f"{base}.weight_scale"),
-            numpy_helper.from_array(zeros, f"{base}.weight_zero"),
-        ]
-        attrs = {"axis": 1} if per_channel else {}
-        before.setdefault(ln.name, []).append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{base}.weight_int8", f"{base}.weight_scale", f"{base}.weight_zero"],
-                [f"{base}.weight_dq"],
-                name=f"{base}/weight_DQ",
-                **attrs,
-            )
-        )
-    by_name = {ln.name: ln for ln in nodes}
+        tensors, dq = _weight_dq(ln.module, w, per_channel, weight_max)
+        new_inits += tensors
+        before.setdefault(ln.name, []).append(dq)
+    _splice(model, {ln.name: ln for ln in nodes}, before, qdq_of, new_inits)
+
+
+def _activation_qdq(x: str, threshold: float, zero: np.ndarray) -> tuple[list, list[NodeProto]]:
+    """(scale and zero point initializers, [QuantizeLinear, DequantizeLinear]) for tensor ``x``;
+    the DequantizeLinear's output ``<x>/dq`` is what the linear node reads instead of ``x``."""
+    from onnx import helper, numpy_helper
+
+    s, z = f"{x}/act_scale", f"{x}/act_zero"
+    tensors = [
+        numpy_helper.from_array(np.array(threshold / 127.0, dtype=np.float32), s),
+        numpy_helper.from_array(zero, z),
+    ]
+    pair = [
+        helper.make_node("QuantizeLinear", [x, s, z], [f"{x}/q"], name=f"{x}/Q"),
+        helper.make_node("DequantizeLinear", [f"{x}/q", s, z], [f"{x}/dq"], name=f"{x}/DQ"),
+    ]
+    return tensors, pair
+
+
+def _weight_dq(
+    base: str, w: np.ndarray, per_channel: bool, weight_max: int
+) -> tuple[list, NodeProto]:
+    """Symmetric int8 weight ``<base>.weight_int8`` (|q| <= ``weight_max``, zero point 0, a scale
+    per output channel or one), and the DequantizeLinear giving ``<base>.weight_dq``."""
+    from onnx import helper, numpy_helper
+
+    wmax = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
+    ws = (np.maximum(wmax, 1e-12) / weight_max).astype(np.float32)
+    wq = np.clip(np.round(w / ws), -weight_max, weight_max).astype(np.int8)
+    names = [f"{base}.weight_int8", f"{base}.weight_scale", f"{base}.weight_zero"]
+    tensors = [
+        numpy_helper.from_array(wq, names[0]),
+        numpy_helper.from_array(ws, names[1]),
+        numpy_helper.from_array(np.zeros(ws.shape, dtype=np.int8), names[2]),
+    ]
+    attrs = {"axis": 1} if per_channel else {}
+    dq = helper.make_node(
+        "DequantizeLinear", names, [f"{base}.weight_dq"], name=f"{base}/weight_DQ", **attrs
+    )
+    return tensors, dq
+
+
+def _splice(model, by_name: dict[str, LinearNode], before, qdq_of, new_inits) -> None:
+    """Insert the Q/DQ nodes before their linear nodes, point those at the dequantized tensors,
+    and replace the float weights no node reads any more by the new initializers."""
     out_nodes = []
     for node in model.graph.node:
         out_nodes += before.get(node.name, [])
