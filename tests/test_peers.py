@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import textwrap
 import time
@@ -480,7 +481,9 @@ def test_export_if_needed_swaps_the_cache_atomically(worker, tmp_path, monkeypat
 
     assert worker.export_if_needed(hf, cache) is not None  # exported
     assert (cache / "model.onnx").read_text() == "export 1"
-    assert (cache.stat().st_mode & 0o777) == 0o755
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (cache.stat().st_mode & 0o777) == 0o777 & ~mask  # not mkdtemp's owner-only 0700
     assert json.loads((cache / worker.EXPORT_STAMP).read_text())["files"]["config.json"]
     assert worker.export_if_needed(hf, cache) is None  # same source: reused
     assert _FakeOptimumModel.exports == 1

@@ -275,7 +275,6 @@ def export_if_needed(hf_dir: Path, onnx_dir: Path) -> float | None:
         del model
         stamp_text = json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
         (stage.path / EXPORT_STAMP).write_text(stamp_text)  # inside the stage: renamed with it
-        stage.path.chmod(0o755)  # mkdtemp makes it 0700
     log.info("exported in %.1f s to %s", seconds, onnx_dir)
     return seconds
 
