@@ -117,6 +117,41 @@ def test_staged_dir_gives_the_usual_permissions(tmp_path):
     assert stage.out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o027)
+    try:
+        with staged_dir(tmp_path / "art") as stage:
+            atomic_write_json(stage.path / "manifest.json", {})
+        atomic_save_npy(tmp_path / "e.npy", np.zeros(2))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "art" / "manifest.json").stat().st_mode & 0o777 == 0o640  # not 0600
+    assert (tmp_path / "e.npy").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_failed_move_aside_leaves_no_leftover(tmp_path, monkeypatch):
+    import echoembed.artifact.writer as writer
+
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = writer.os.replace
+
+    def failing(src, dst):
+        if Path(src) == out:
+            raise PermissionError("cannot move the old artifact")
+        return real(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", failing)
+    with pytest.raises(PermissionError):
+        with staged_dir(out, force=True) as stage:
+            (stage.path / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert _siblings(out) == []
+
+
 def test_staged_dir_makes_missing_parents(tmp_path):
     out = tmp_path / "a" / "b" / "art"
     with staged_dir(out) as stage:
@@ -176,9 +211,10 @@ def test_format1_manifest_from_the_previous_release_still_loads(name):
     data = json.loads((DATA / name).read_text(encoding="utf-8"))
     assert data["format_version"] == 1
     m = Manifest.from_dict(data, where=name)
-    assert m.format_version == FORMAT_VERSION  # read as the current format
+    assert m.format_version == 1  # as read (describe says so); written back as format 2
     assert m.special_tokens == SpecialTokens("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert m.opset == 18 and m.opset_imports == {"": 18}  # format 1 recorded the request only
+    assert m.requested_opset == 18
     assert m.output_name == "embedding" and m.hidden_size == 576
     q = m.quantization
     if name.endswith("int4-hqq.json"):
@@ -187,8 +223,10 @@ def test_format1_manifest_from_the_previous_release_still_loads(name):
     else:
         assert q.settings == Int8DynamicConfig(reduce_range=False)
         assert q.settings.smooth_alpha == 0.7
-    again = Manifest.from_dict(json.loads(m.to_json()))
-    assert again == m  # format 2 round-trips
+    written = json.loads(m.to_json())
+    assert written["format_version"] == FORMAT_VERSION and written["opset_imports"] == {"": 18}
+    again = Manifest.from_dict(written)
+    assert again == dataclasses.replace(m, format_version=FORMAT_VERSION)  # format 2 round-trips
 
 
 def test_manifest_from_a_newer_format_or_bad_settings_is_a_clear_error():
@@ -203,6 +241,10 @@ def test_manifest_from_a_newer_format_or_bad_settings_is_a_clear_error():
     bad["quantization"]["settings"]["block_size"] = 12
     with pytest.raises(ArtifactError, match="settings are invalid.*block_size"):
         Manifest.from_dict(bad)
+    current = json.loads(Manifest.from_dict(data).to_json())
+    del current["opset_imports"]
+    with pytest.raises(ArtifactError, match="malformed manifest.*opset_imports"):
+        Manifest.from_dict(current)  # format 2 must say what its graph imports
     bad = json.loads(json.dumps(data))
     bad["special_tokens"] = ["<s>"]
     with pytest.raises(ArtifactError, match="malformed manifest"):
@@ -229,9 +271,18 @@ def test_recipe_from_settings_errors_and_defaults():
     old = {k: v for k, v in settings_of(Int8DynamicConfig()).items() if k != "reduce_range"}
     assert recipe_from_settings("int8-dynamic", old).reduce_range is None
     assert recipe_from_settings("int4-hqq", {}).algorithm == "hqq"
+    # an artifact an older echoembed made with a setting quantize now refuses still loads
+    assert recipe_from_settings("int4-hqq", {"symmetric": True}).symmetric is True
 
 
 def test_manifest_is_frozen():
     m = Manifest.from_dict(json.loads((DATA / "manifest-format1-int4-hqq.json").read_text()))
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.opset = 21  # type: ignore[misc]
+
+
+def test_the_old_runtime_manifest_path_still_imports():
+    import echoembed.artifact.manifest as new
+    import echoembed.runtime.manifest as old
+
+    assert old.Manifest is new.Manifest and old.read_manifest is new.read_manifest

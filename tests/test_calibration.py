@@ -425,8 +425,10 @@ def test_int4_gptq_recipe(tiny_artifact, tmp_path):
     assert q.excluded == ("base.layers.0.mlp.down_proj/MatMul",) and q.mean_cosine > 0.9
     with pytest.raises(UserError, match="float_zero needs asymmetric"):
         Int4WeightOnlyConfig(algorithm="gptq", symmetric=True)
+    hqq_sym = Int4WeightOnlyConfig(algorithm="hqq", symmetric=True)  # a manifest may say so
     with pytest.raises(UserError, match="HQQ quantizes asymmetrically"):
-        Int4WeightOnlyConfig(algorithm="hqq", symmetric=True)
+        quantize(tiny_artifact.path, tmp_path / "h", hqq_sym, SMALL)
+    assert not (tmp_path / "h").exists()
 
 
 def test_ort_preprocess_accepts_the_exported_graph(tiny_artifact, tmp_path):

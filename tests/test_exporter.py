@@ -221,3 +221,23 @@ def test_export_or_reuse(tiny_dirs, tmp_path):
         loaded, tmp_path / "a", ExportConfig(exporter="torchscript", pooling="last")
     )
     assert not reused and Embedder.load(repaired.path).encode(["hi"]).shape == (1, 32)
+
+
+def test_reuse_compares_the_requested_opset_not_the_graphs(tiny_dirs, tmp_path):
+    """The dynamo exporter may write a newer opset than asked for; the manifest records both
+    (``opset``: the graph's, ``requested_opset``: the request), and reuse compares the request."""
+    import onnx
+
+    from echoembed.exporter import export_or_reuse
+    from echoembed.reference.sources import load_model, resolve_source
+
+    loaded = load_model(resolve_source(tiny_dirs["llama"]))
+    cfg = ExportConfig(opset=17)
+    first, reused = export_or_reuse(loaded, tmp_path / "a", cfg)
+    graph = {o.domain: o.version for o in onnx.load(str(first.model_path)).opset_import}
+    m = first.manifest
+    assert not reused and m.requested_opset == 17 and m.opset == graph[""] >= 17
+    again, reused = export_or_reuse(loaded, tmp_path / "a", cfg)
+    assert reused and again.manifest == first.manifest
+    _, reused = export_or_reuse(loaded, tmp_path / "a", ExportConfig(opset=19))
+    assert not reused

@@ -1,8 +1,10 @@
 """The artifact contract: one frozen dataclass, written as ``manifest.json`` beside the model.
 
 Format 2 (this release) adds ``opset_imports`` (every operator domain the saved graph imports,
-read from the graph) and types ``special_tokens`` (``SpecialTokens``) and
-``quantization.settings`` (the recipe's own frozen config). Format-1 manifests still load.
+read from the graph) and ``requested_opset`` (what the export asked for), and types
+``special_tokens`` (``SpecialTokens``) and ``quantization.settings`` (the recipe's own frozen
+config). Format-1 manifests still load (``format_version`` says which format was read) and are
+written back as format 2.
 No torch, no onnx: every stage and the runtime read it.
 """
 
@@ -119,6 +121,7 @@ class Manifest:
     created: str = ""
     quantization: QuantizationInfo | None = None
     opset_imports: dict[str, int] = field(default_factory=dict)  # domain -> version ("" = ai.onnx)
+    requested_opset: int | None = None  # what the export asked for (the graph may import newer)
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
@@ -132,7 +135,10 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form, always in the current format (a manifest read from format 1 is
+        written back as format 2)."""
         d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
         if self.quantization is not None:  # asdict keeps tuples; JSON wants lists either way
             d["quantization"]["settings"] = settings_of(self.quantization.settings)
         return d
@@ -154,8 +160,7 @@ class Manifest:
         if version not in READABLE_FORMATS:
             raise ArtifactError(f"{where}: unknown artifact format version {version}; re-export")
         try:
-            d = dict(data)
-            d["format_version"] = FORMAT_VERSION  # read as the current format
+            d = dict(data)  # format_version stays as read; to_dict writes the current one
             d["special_tokens"] = SpecialTokens(**d["special_tokens"])
             d["source"] = SourceInfo(**d["source"])
             d["templates"] = tuple(TemplateSpec(**t) for t in d["templates"])
@@ -177,7 +182,8 @@ class Manifest:
                 d["quantization"] = QuantizationInfo(**q)
             if version == 1:  # format 1 recorded the requested opset only
                 d.setdefault("opset_imports", {"": d["opset"]})
-            d["opset_imports"] = {str(k): int(v) for k, v in d.get("opset_imports", {}).items()}
+                d.setdefault("requested_opset", d["opset"])
+            d["opset_imports"] = {str(k): int(v) for k, v in d["opset_imports"].items()}
             return cls(**d)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e

@@ -103,11 +103,6 @@ class Int4WeightOnlyConfig:
             raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UserError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
-        if self.symmetric and self.algorithm == "hqq":
-            raise UserError(
-                "HQQ quantizes asymmetrically (fractional zero points); symmetric=True applies "
-                "to rtn and gptq"
-            )
         if self.symmetric and self.float_zero and self.algorithm == "gptq":
             raise UserError("float_zero needs asymmetric quantization (symmetric=False)")
         if not 0.0 < self.gptq_damp < 1.0:

@@ -50,6 +50,7 @@ def _atomic(path: str | os.PathLike[str], mode: str, write: Callable[[IO], None]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would not
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:
             write(f)
@@ -80,7 +81,16 @@ def atomic_save_npy(path: str | os.PathLike[str], array) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux tells it (``os.umask`` sets it,
+    which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -118,14 +128,25 @@ def _install(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out`` by renames (an old ``out`` is removed afterwards)."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
-        os.replace(out, old)
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = aside / out.name
+        try:
+            os.replace(out, old)
+        except BaseException:
+            aside.rmdir()
+            raise
     try:
         os.replace(tmp, out)
     except BaseException:
         if old is not None:
-            os.replace(old, out)
-            shutil.rmtree(old.parent, ignore_errors=True)
+            try:
+                os.replace(old, out)
+            except OSError as e:
+                raise ArtifactError(
+                    f"could not put {out} back after a failed replace ({e}); the previous "
+                    f"version is at {old}: move it back by hand"
+                ) from e
+            old.parent.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old.parent, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from echoembed.artifact import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     MODEL_FILE,
     TOKENIZER_NAME,
@@ -719,6 +720,7 @@ def _write(job: QuantizeJob, best: Attempt) -> Manifest:
     manifest = dataclasses.replace(
         job.parent,
         model_file=MODEL_FILE,
+        format_version=FORMAT_VERSION,
         precision=job.config.recipe,
         opset=graph.opset_imports[""],
         opset_imports=graph.opset_imports,

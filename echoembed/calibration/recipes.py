@@ -110,7 +110,14 @@ def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
     ``reduce_range=None`` becomes True where this CPU's u8 x s8 kernels saturate with 8-bit
     weights (x86-64 without VNNI), and for INT8 static with int8 activations False (ONNX Runtime
     runs those Q/DQ pairs in float; TensorRT uses int8 x int8).
+    A setting the recipe cannot apply is refused here, not when a manifest is read (an artifact
+    made by an older echoembed with it must still load): HQQ with ``symmetric=True``.
     """
+    if isinstance(config, Int4WeightOnlyConfig) and config.symmetric and config.algorithm == "hqq":
+        raise UserError(
+            "HQQ quantizes asymmetrically (fractional zero points); symmetric=True applies "
+            "to rtn and gptq"
+        )
     if not isinstance(config, (Int8DynamicConfig, Int8StaticConfig)):
         return config
     if config.reduce_range is not None:

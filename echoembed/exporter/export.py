@@ -308,6 +308,7 @@ def _manifest(
         precision=config.dtype,
         opset=imports.get("", config.opset),
         opset_imports=imports,
+        requested_opset=config.opset,
         exporter=config.exporter,
         inputs=tuple(TensorSpec(n, "int64", ("batch", "sequence")) for n in INPUT_NAMES),
         outputs=(TensorSpec(OUTPUT_NAME, "float32", ("batch", loaded.hidden_size)),),
@@ -391,7 +392,7 @@ def export_or_reuse(
                 and m.pooling == Pooling.parse(config.pooling).value
                 and m.normalize == config.normalize
                 and m.precision == config.dtype
-                and m.opset == config.opset
+                and m.requested_opset == config.opset
                 and m.max_length == config.max_length
                 and m.templates == templates
                 and m.default_template == default_name
