@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from echoembed.data import shipped_texts
 from echoembed.echo import EchoEncoder, EncodedBatch
 from echoembed.errors import InputError
 
@@ -90,12 +91,6 @@ def read_texts_any(path: str | os.PathLike[str]) -> list[str]:
     return texts
 
 
-def _shipped_texts() -> list[str]:
-    from echoembed.data import shipped_texts
-
-    return shipped_texts()
-
-
 def calibration_source(config: CalibrationConfig) -> str:
     """How a calibration set's origin is named in manifests."""
     return "echoembed shipped texts" if config.path is None else str(config.path)
@@ -105,7 +100,7 @@ def load_calibration(config: CalibrationConfig) -> CalibrationSet:
     """Sample disjoint calibration and evaluation texts (seeded)."""
     if config.samples < 1:
         raise InputError(f"samples must be >= 1, got {config.samples}")
-    texts = _shipped_texts() if config.path is None else read_texts_any(config.path)
+    texts = shipped_texts() if config.path is None else read_texts_any(config.path)
     texts = [t[: config.max_chars] for t in texts]
     rng = random.Random(config.seed)
     picked = rng.sample(texts, min(len(texts), 2 * config.samples))

@@ -42,7 +42,6 @@ from echoembed.artifact import (
     graph_opset_imports,
     hash_files,
     read_manifest,
-    sha256_file,
     staged_dir,
     verify_files,
 )
@@ -691,7 +690,7 @@ def _quantization_info(job: QuantizeJob, best: Attempt) -> QuantizationInfo:
     return QuantizationInfo(
         recipe=job.config.recipe,
         settings=job.config,
-        parent_sha256=sha256_file(job.parent_dir / job.parent.model_file),
+        parent_sha256=job.parent.files[job.parent.model_file],  # verified by _open_job
         calibration_source=cal.source,
         calibration_sha256=cal.sha256,
         calibration_texts=len(cal.calibration),

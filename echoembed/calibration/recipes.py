@@ -124,9 +124,7 @@ def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
         return config
     from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
 
-    activations = config.activations if isinstance(config, Int8StaticConfig) else None
-    u8 = runs_u8s8(config.recipe, activations)
-    return dataclasses.replace(config, reduce_range=u8 and u8s8_saturates())
+    return dataclasses.replace(config, reduce_range=runs_u8s8(config) and u8s8_saturates())
 
 
 def _field_names(config: RecipeConfig) -> set[str]:

@@ -18,6 +18,8 @@ import functools
 import platform
 from pathlib import Path
 
+from echoembed.artifact.recipes import Int8DynamicConfig, Int8StaticConfig, RecipeConfig
+
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 CPUINFO = Path("/proc/cpuinfo")
@@ -47,10 +49,13 @@ def cpu_flags() -> frozenset[str] | None:
     return None if flags is None else frozenset(flags.split())
 
 
-def runs_u8s8(recipe: str, activations: str | None = None) -> bool:
-    """Whether an artifact of ``recipe`` runs the u8 x s8 integer GEMM on ONNX Runtime's CPU
-    provider: INT8 dynamic always, INT8 static with uint8 activations (int8 Q/DQ runs in float)."""
-    return recipe == "int8-dynamic" or (recipe == "int8-static" and activations == "uint8")
+def runs_u8s8(settings: RecipeConfig) -> bool:
+    """Whether an artifact quantized with ``settings`` runs the u8 x s8 integer GEMM on ONNX
+    Runtime's CPU provider: INT8 dynamic always, INT8 static with uint8 activations (int8 Q/DQ
+    runs in float)."""
+    if isinstance(settings, Int8StaticConfig):
+        return settings.activations == "uint8"
+    return isinstance(settings, Int8DynamicConfig)
 
 
 @functools.lru_cache(maxsize=1)

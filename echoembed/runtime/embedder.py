@@ -16,7 +16,6 @@ from echoembed.artifact import (
     read_manifest,
     verify_files,
 )
-from echoembed.artifact.recipes import Int8DynamicConfig, Int8StaticConfig
 from echoembed.echo import (
     PRESETS,
     EchoEncoder,
@@ -53,12 +52,7 @@ def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]
     q = manifest.quantization
     if q is None or not active or active[0] != "CPUExecutionProvider":
         return
-    settings = q.settings
-    if not isinstance(settings, (Int8DynamicConfig, Int8StaticConfig)):
-        return
-    activations = settings.activations if isinstance(settings, Int8StaticConfig) else None
-    u8 = runs_u8s8(q.recipe, activations)
-    if u8 and not settings.reduce_range and u8s8_saturates():
+    if runs_u8s8(q.settings) and not q.settings.reduce_range and u8s8_saturates():
         log.warning(
             "%s has 8-bit INT8 weights, and this CPU has no VNNI: ONNX Runtime's u8 x s8 kernels "
             "saturate here and the embeddings lose accuracy (measured on SmolLM2: mean cosine "

@@ -230,9 +230,11 @@ def _embed_and_time(config: BenchConfig, sentences: list[str], skipped: dict[str
     return variants, embedded, speed
 
 
-def _rows(variants: list[_Variant], embedded: dict[str, np.ndarray], speed, data) -> list[BenchRow]:
-    """One row per variant: cosine to PyTorch fp32, STS Spearman, throughput and size ratios."""
-    sentences = data.unique_sentences()
+def _rows(
+    variants: list[_Variant], embedded: dict[str, np.ndarray], speed, data, sentences: list[str]
+) -> list[BenchRow]:
+    """One row per variant: cosine to PyTorch fp32, STS Spearman, throughput and size ratios
+    (``sentences``: ``data``'s unique sentences, the rows of ``embedded``)."""
     index = {s: i for i, s in enumerate(sentences)}
     want = embedded["pytorch fp32"]
     base = speed["pytorch fp32"].texts_per_second
@@ -282,7 +284,7 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         speed_texts=min(config.speed_texts, len(sentences)),
         batch_size=config.batch_size,
         repeats=config.repeats,
-        rows=tuple(_rows(variants, embedded, speed, data)),
+        rows=tuple(_rows(variants, embedded, speed, data, sentences)),
         skipped=skipped,
     )
     run_dir = new_run_dir(Path(config.runs_dir), "bench", Path(config.model).name)
