@@ -68,3 +68,7 @@ class BackendError(UserError):
 
 class AccuracyBudgetError(UserError):
     """A quantized artifact falls below its accuracy budget (nothing is written)."""
+
+
+class DeployError(UserError):
+    """A Triton model repository or server cannot be written or started as configured."""

@@ -35,3 +35,14 @@ def test_echo_imports_and_works_without_torch(smollm2_tokenizer, tmp_path):
 def test_cli_module_imports_without_torch():
     r = run_blocked("import echoembed.cli.main; echoembed.cli.main.build_parser()")
     assert r.returncode == 0, r.stderr
+
+
+def test_deploy_imports_without_torch():
+    r = run_blocked(
+        """
+        import echoembed.deploy, echoembed.deploy.models, echoembed.deploy.serve
+        import echoembed.deploy.triton
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        """
+    )
+    assert r.returncode == 0, r.stderr

@@ -232,3 +232,14 @@ def test_int8_static_nodes_match_settings(built, name):
     for node in _ops(model, "DequantizeLinear"):
         if node.name.endswith("/weight_DQ"):
             assert (_attrs(node).get("axis") == 1) is cfg.per_channel
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_prompt_plans_are_the_parents(built, tiny_artifact, name):
+    art, _, _ = built(name)
+    m = read_manifest(art.path)
+    parent = tiny_artifact.manifest
+    assert parent.prompt_plans and [p.template for p in parent.prompt_plans] == [
+        t.name for t in parent.templates
+    ]
+    assert m.prompt_plans == parent.prompt_plans == art.manifest.prompt_plans

@@ -1,10 +1,14 @@
 """The artifact contract: one frozen dataclass, written as ``manifest.json`` beside the model.
 
-Format 2 (this release) adds ``opset_imports`` (every operator domain the saved graph imports,
+Format 3 (this release) adds ``prompt_plans``: per shipped template, its ``echo.PromptPlan``
+(fixed piece ids, text slots, pool flags, limits, pad id), so consumers without the template
+parser (examples/cpp, services bringing their own runtime) assemble prompts exactly as
+``EchoEncoder`` does. Format-1/2 manifests load with no plans.
+Format 2 added ``opset_imports`` (every operator domain the saved graph imports,
 read from the graph) and ``requested_opset`` (what the export asked for), and types
 ``special_tokens`` (``SpecialTokens``) and ``quantization.settings`` (the recipe's own frozen
-config). Format-1 manifests still load (``format_version`` says which format was read) and are
-written back as format 2.
+config). Older manifests still load (``format_version`` says which format was read) and are
+written back in the current format.
 No torch, no onnx: every stage and the runtime read it.
 """
 
@@ -14,16 +18,19 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from echoembed.artifact.recipes import RecipeConfig, recipe_from_settings, settings_of
 from echoembed.echo.encode import SpecialTokens
+from echoembed.echo.plan import PromptPlan
+from echoembed.echo.template import Template
 from echoembed.errors import ArtifactError
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 MODEL_FILE = "model.onnx"
@@ -55,6 +62,10 @@ class TemplateSpec:
     name: str
     source: str
     defaults: dict[str, str] = field(default_factory=dict)
+
+    def to_template(self) -> Template:
+        """The parsed template (raises TemplateError when the source is malformed)."""
+        return Template(self.source, name=self.name, defaults=self.defaults)
 
 
 @dataclass(frozen=True)
@@ -122,9 +133,14 @@ class Manifest:
     quantization: QuantizationInfo | None = None
     opset_imports: dict[str, int] = field(default_factory=dict)  # domain -> version ("" = ai.onnx)
     requested_opset: int | None = None  # what the export asked for (the graph may import newer)
+    prompt_plans: tuple[PromptPlan, ...] = ()  # one per template this tokenizer can encode
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
+
+    def plan(self, name: str) -> PromptPlan | None:
+        """The recorded prompt plan of template ``name`` (None: not recorded)."""
+        return next((p for p in self.prompt_plans if p.template == name), None)
 
     @property
     def output_name(self) -> str:
@@ -135,8 +151,8 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form, always in the current format (a manifest read from format 1 is
-        written back as format 2)."""
+        """The JSON form, always in the current format (a manifest read from an older format is
+        written back in the current one, with what it recorded)."""
         d = dataclasses.asdict(self)
         d["format_version"] = FORMAT_VERSION
         if self.quantization is not None:  # asdict keeps tuples; JSON wants lists either way
@@ -184,6 +200,9 @@ class Manifest:
                 d.setdefault("opset_imports", {"": d["opset"]})
                 d.setdefault("requested_opset", d["opset"])
             d["opset_imports"] = {str(k): int(v) for k, v in d["opset_imports"].items()}
+            if version < 3:  # formats 1 and 2 recorded no prompt plans
+                d.setdefault("prompt_plans", [])
+            d["prompt_plans"] = tuple(PromptPlan.from_dict(p) for p in d["prompt_plans"])
             return cls(**d)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
@@ -245,9 +264,13 @@ def read_manifest(artifact_dir: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_dict(data, where=str(path))
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
-    """Every file listed in the manifest exists and has its recorded sha256."""
+def verify_files(root: Path, manifest: Manifest, only: Iterable[str] | None = None) -> None:
+    """Every file listed in the manifest (or those of ``only`` it lists) exists and has its
+    recorded sha256."""
+    wanted = None if only is None else set(only)
     for rel, expected in manifest.files.items():
+        if wanted is not None and rel not in wanted:
+            continue
         p = root / rel
         if not p.is_file():
             raise ArtifactError(
@@ -276,6 +299,12 @@ def describe(manifest: Manifest) -> str:
         f"template         {m.default_template} (default); available: "
         + ", ".join(t.name for t in m.templates),
         f"lengths          max_length per piece {m.max_length}, context {m.context_length}",
+        "prompt plans     "
+        + (
+            ", ".join(p.template for p in m.prompt_plans)
+            if m.prompt_plans
+            else "none (an older format: re-export for examples/cpp)"
+        ),
         "inputs           " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs),
         "outputs          " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs),
     ]

@@ -78,7 +78,7 @@ from echoembed.calibration.static import (
     read_cache,
     write_cache,
 )
-from echoembed.echo import EchoEncoder, embed_texts
+from echoembed.echo import EchoEncoder, PromptPlan, embed_texts, template_plans
 from echoembed.errors import (
     AccuracyBudgetError,
     ArtifactError,
@@ -709,6 +709,15 @@ def _quantization_info(job: QuantizeJob, best: Attempt) -> QuantizationInfo:
     )
 
 
+def _plans(job: QuantizeJob) -> tuple[PromptPlan, ...]:
+    """Prompt plans for a parent from an older format that recorded none."""
+    m = job.parent
+    templates = [t.to_template() for t in m.templates]
+    return template_plans(
+        job.encoder.tokenizer, m.special_tokens, templates, m.max_length, m.context_length
+    )
+
+
 def _write(job: QuantizeJob, best: Attempt) -> Manifest:
     """Tokenizer and manifest into the staged directory; the manifest's graph-describing fields
     (opset, opset_imports, inputs, outputs) are read from the saved quantized graph."""
@@ -726,6 +735,7 @@ def _write(job: QuantizeJob, best: Attempt) -> Manifest:
         inputs=graph.inputs,
         outputs=graph.outputs,
         parity=None,  # the export-time check was the parent's; accuracy is in `quantization`
+        prompt_plans=job.parent.prompt_plans or _plans(job),  # same tokenizer and templates
         files=hash_files(stage),
         quantization=_quantization_info(job, best),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -785,6 +795,7 @@ def quantize_or_reuse(
                 and q.settings == config
                 and q.parent_sha256 == parent.files.get(parent.model_file)
                 and q.calibration_source == calibration_source(options.calibration)
+                and (not parent.prompt_plans or have.prompt_plans == parent.prompt_plans)
             )
             if same and not _describes_graph(out, have):
                 progress(f"not reusing {out}: its manifest does not describe its graph")

@@ -216,6 +216,56 @@ def _count(text: str) -> int:
     return n
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from echoembed.deploy.tokenize import tokenize_file
+
+    r = tokenize_file(args.artifact, args.input, args.output, args.template, args.max_length)
+    print(
+        f"wrote {r.texts} prompts ({r.template} template, longest {r.width} tokens, "
+        f"{r.truncated} truncated) to {r.path}"
+    )
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from echoembed.deploy.triton import TritonRepoConfig, write_triton_repo
+
+    config = TritonRepoConfig(
+        artifact=Path(args.artifact),
+        out=Path(args.out),
+        encoder=args.encoder,
+        max_batch=args.max_batch,
+        instances=args.instances,
+        max_queue_delay_us=args.max_queue_delay_us,
+        tensorrt_accelerator=args.tensorrt_accelerator,
+        force=args.force,
+    )
+    out = write_triton_repo(config)
+    print(f"wrote Triton model repository {out} (echo_embedder: text -> embedding; encoder "
+          f"{args.encoder}); serve it with: echoembed serve {out}")  # fmt: skip
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from echoembed.deploy.serve import ServeConfig, serve
+
+    config = ServeConfig(
+        repo=Path(args.repo),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        address=args.address,
+        start_timeout_s=args.timeout,
+        log_file=Path(args.log_file) if args.log_file else None,
+    )
+
+    def ready(server) -> None:
+        print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics "
+              f"{server.metrics_url}  (pid {server.pid}; Ctrl-C stops it)", flush=True)  # fmt: skip
+
+    return serve(config, ready)
+
+
 def cmd_templates(args: argparse.Namespace) -> int:
     from echoembed.echo import PRESETS
 
@@ -443,6 +493,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "tokenize",
+        help="texts -> the artifact's model inputs (.npz padded, .json per text), no runtime",
+    )
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("-i", "--input", required=True, help="UTF-8 text file, one text per line")
+    p.add_argument("-o", "--output", required=True, help="output .npz or .json path")
+    p.add_argument("--template", default=None, help="preset or template string (default: own)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per template piece")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser(
+        "triton", help="write a Triton model repository (tokenizer -> encoder -> ensemble)"
+    )
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("out", help="model repository to create")
+    p.add_argument(
+        "--encoder", choices=["python", "onnxruntime", "tensorrt"], default="python",
+        help="python: echoembed.runtime in the Python backend (serves with `echoembed serve`); "
+        "onnxruntime / tensorrt: Triton's own backends (a full Triton install)",
+    )  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=32, help="rows per dynamic batch")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching wait")
+    p.add_argument(
+        "--tensorrt-accelerator", action="store_true",
+        help="--encoder onnxruntime: run it with the TensorRT execution accelerator",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing repository")
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("serve", help="run a model repository on the pytriton wheel's tritonserver")
+    p.add_argument("repo", help="model repository (from `echoembed triton`)")
+    p.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    p.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+    p.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
+    p.add_argument("--address", default="127.0.0.1", help="bind address of every endpoint")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
+    p.add_argument("--log-file", default=None, help="tritonserver log (default: temporary)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("templates", help="list the template presets")
     p.set_defaults(func=cmd_templates)

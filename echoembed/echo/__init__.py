@@ -10,8 +10,11 @@ from echoembed.echo.encode import (
     EncodedRow,
     EncoderConfig,
     SpecialTokens,
+    prompt_plan,
+    template_plans,
     validate_texts,
 )
+from echoembed.echo.plan import PlanPiece, PromptPlan, water_fill
 from echoembed.echo.pooling import Pooling, l2_normalize, pool
 from echoembed.echo.presets import PRESETS, Preset, get_template
 from echoembed.echo.template import Piece, Template, parse_pieces
@@ -24,8 +27,10 @@ __all__ = [
     "EncodedRow",
     "EncoderConfig",
     "Piece",
+    "PlanPiece",
     "Pooling",
     "Preset",
+    "PromptPlan",
     "Runner",
     "SpecialTokens",
     "Template",
@@ -34,5 +39,8 @@ __all__ = [
     "l2_normalize",
     "parse_pieces",
     "pool",
+    "prompt_plan",
+    "template_plans",
     "validate_texts",
+    "water_fill",
 ]

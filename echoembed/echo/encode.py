@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
+from echoembed.echo.plan import PlanPiece, PromptPlan, water_fill
 from echoembed.echo.template import (
     SPECIAL_VARIABLES,
     SURROGATE_HINT,
@@ -28,6 +29,7 @@ from echoembed.echo.template import (
     Template,
     lone_surrogate_at,
     substitute,
+    substitute_around_text,
 )
 from echoembed.errors import InputError, TemplateError
 
@@ -161,14 +163,8 @@ class EchoEncoder:
                     f"token; remove %%{var}%% from the template or write the token literally"
                 )
         self._specials = specials
-        # Literal pieces never change: tokenize them once.
-        self._fixed: list[list[int] | None] = []
-        for p in tpl.pieces:
-            if p.segment and (p.variables - SPECIAL_VARIABLES):
-                self._fixed.append(None)
-            else:
-                self._fixed.append(self._tokenize(substitute(p.source, specials)))
         self.pad_id = self._pad_id()
+        self._plan = self.plan()  # the template's defaults; tokenizes the fixed pieces once
 
     def _tokenize(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -184,65 +180,58 @@ class EchoEncoder:
                     return int(tid)
         return 0  # any id works: padded positions are masked out
 
+    def plan(self, variables: Mapping[str, str] | None = None) -> PromptPlan:
+        """The ``PromptPlan`` of this template, tokenizer and limits (``variables`` override the
+        template's defaults): what the manifest records and what ``encode_ids`` follows."""
+        tpl = self.config.template
+        values = {**tpl.resolve_variables(variables), **self._specials}
+        pieces = []
+        for p in tpl.pieces:
+            if p.segment and TEXT_VARIABLE in p.variables:
+                parts = substitute_around_text(p.source, values)
+                pieces.append(PlanPiece(p.pooled, capped=True, parts=parts))
+            else:  # literal, or a segment of BOS/EOS and user variables only
+                capped = p.segment and bool(p.variables - SPECIAL_VARIABLES)
+                ids = self._tokenize(substitute(p.source, values))
+                pieces.append(PlanPiece(p.pooled, capped=capped, ids=tuple(ids)))
+        return PromptPlan(
+            template=tpl.name,
+            pieces=tuple(pieces),
+            max_length=self.config.max_length,
+            context_length=self.config.context_length,
+            pad_id=self.pad_id,
+            overflow=self.config.overflow,
+        )
+
     def encode_ids(
         self, texts: Sequence[str], variables: Mapping[str, str] | None = None
     ) -> list[EncodedRow]:
         """Per text: its ``EncodedRow`` (ids, pool flags, truncated), unpadded."""
         texts = validate_texts(texts)
-        tpl = self.config.template
-        values = {**tpl.resolve_variables(variables), **self._specials}
-        # Tokenize every variable-bearing segment for all texts in one batched call.
-        var_idx = [i for i, f in enumerate(self._fixed) if f is None]
-        strings = [
-            substitute(tpl.pieces[i].source, {**values, TEXT_VARIABLE: t})
-            for t in texts
-            for i in var_idx
-        ]
+        plan = self._plan if not variables else self.plan(variables)
+        # Tokenize every text-bearing piece for all texts in one batched call.
+        text_idx = plan.text_pieces
+        strings = [plan.pieces[i].source_for(t) for t in texts for i in text_idx]
         encoded = self.tokenizer.encode_batch(strings, add_special_tokens=False) if strings else []
+        limit = plan.max_length
         out = []
         for row in range(len(texts)):
             pieces: list[list[int]] = []
-            k = row * len(var_idx)
-            for fixed in self._fixed:
-                if fixed is not None:
-                    pieces.append(fixed)
+            k = row * len(text_idx)
+            for piece in plan.pieces:
+                if piece.ids is not None:
+                    pieces.append(list(piece.ids))
                 else:
                     ids = list(encoded[k].ids)
                     k += 1
-                    if self.config.max_length is not None:
-                        ids = ids[: self.config.max_length]
-                    pieces.append(ids)
-            pieces, truncated = self._fit(pieces, var_idx, texts[row], row)
+                    pieces.append(ids if limit is None else ids[:limit])
+            pieces, truncated = _fit(plan, pieces, row)
             ids, flags = [], []
-            for p, ids_p in zip(tpl.pieces, pieces, strict=True):
+            for p, ids_p in zip(plan.pieces, pieces, strict=True):
                 ids.extend(ids_p)
                 flags.extend([int(p.pooled)] * len(ids_p))
             out.append(EncodedRow(ids, flags, truncated))
         return out
-
-    def _fit(
-        self, pieces: list[list[int]], var_idx: list[int], text: str, row: int
-    ) -> tuple[list[list[int]], bool]:
-        limit = self.config.context_length
-        total = sum(len(p) for p in pieces)
-        if limit is None or total <= limit:
-            return pieces, False
-        if self.config.overflow == "error":
-            raise InputError(
-                f"texts[{row}] makes a prompt of {total} tokens, over the model's context of "
-                f"{limit}; shorten it, set max_length (per copy), or use overflow='truncate'"
-            )
-        fixed = sum(len(p) for i, p in enumerate(pieces) if i not in var_idx)
-        budget = limit - fixed
-        if budget < len(var_idx):
-            raise InputError(
-                f"the template's fixed parts alone take {fixed} of {limit} context tokens; "
-                "shorten the template"
-            )
-        cap = _water_fill([len(pieces[i]) for i in var_idx], budget)
-        for i in var_idx:
-            pieces[i] = pieces[i][:cap]
-        return pieces, True
 
     def encode(
         self, texts: Sequence[str], variables: Mapping[str, str] | None = None
@@ -275,13 +264,52 @@ class EchoEncoder:
         return EncodedBatch(ids, att, pm, truncated)
 
 
-def _water_fill(lengths: list[int], budget: int) -> int:
-    """Largest cap c with sum(min(l, c)) <= budget."""
-    lo, hi = 1, max(lengths)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(min(n, mid) for n in lengths) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def _fit(plan: PromptPlan, pieces: list[list[int]], row: int) -> tuple[list[list[int]], bool]:
+    """Cut the capped pieces to one shared cap when the prompt is over the context."""
+    limit = plan.context_length
+    total = sum(len(p) for p in pieces)
+    if limit is None or total <= limit:
+        return pieces, False
+    if plan.overflow == "error":
+        raise InputError(
+            f"texts[{row}] makes a prompt of {total} tokens, over the model's context of "
+            f"{limit}; shorten it, set max_length (per copy), or use overflow='truncate'"
+        )
+    capped = plan.capped_pieces
+    fixed = sum(len(p) for i, p in enumerate(pieces) if i not in capped)
+    budget = limit - fixed
+    if budget < len(capped):
+        raise InputError(
+            f"the template's fixed parts alone take {fixed} of {limit} context tokens; "
+            "shorten the template"
+        )
+    cap = water_fill([len(pieces[i]) for i in capped], budget)
+    for i in capped:
+        pieces[i] = pieces[i][:cap]
+    return pieces, True
+
+
+def prompt_plan(encoder: EchoEncoder, variables: Mapping[str, str] | None = None) -> PromptPlan:
+    """The ``PromptPlan`` ``encoder`` follows (its template's defaults, or ``variables``)."""
+    return encoder.plan(variables)
+
+
+def template_plans(
+    tokenizer: "Tokenizer",
+    special: SpecialTokens,
+    templates: Sequence[Template],
+    max_length: int | None,
+    context_length: int | None,
+) -> tuple[PromptPlan, ...]:
+    """One plan per template, as an artifact's manifest records them. A template this tokenizer
+    cannot encode (``%%bos%%`` without a BOS token) gets no plan; a runtime using it gets the
+    same TemplateError the Python encoder raises."""
+    plans = []
+    for tpl in templates:
+        try:
+            enc = EchoEncoder(tokenizer, special, EncoderConfig(tpl, max_length, context_length))
+        except TemplateError as e:
+            log.info("no prompt plan for template %r: %s", tpl.name, e)
+            continue
+        plans.append(enc.plan())
+    return tuple(plans)

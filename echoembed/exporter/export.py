@@ -43,8 +43,10 @@ from echoembed.echo import (
     EchoEncoder,
     EncoderConfig,
     Pooling,
+    PromptPlan,
     Template,
     get_template,
+    template_plans,
 )
 from echoembed.errors import ExportError, InternalError, require
 from echoembed.exporter.architectures import get_architecture
@@ -280,6 +282,16 @@ def _templates(default: Template) -> tuple[str, tuple[TemplateSpec, ...]]:
     return "default", tuple(specs)
 
 
+def _plans(
+    loaded: LoadedModel, config: ExportConfig, templates: tuple[TemplateSpec, ...]
+) -> tuple[PromptPlan, ...]:
+    """The prompt plan of every shipped template, as the runtime will encode it."""
+    tpls = [t.to_template() for t in templates]
+    return template_plans(
+        loaded.tokenizer, loaded.special, tpls, config.max_length, loaded.context_length
+    )
+
+
 def _manifest(
     loaded: LoadedModel,
     config: ExportConfig,
@@ -300,6 +312,7 @@ def _manifest(
         hidden_size=loaded.hidden_size,
         default_template=default_name,
         templates=templates,
+        prompt_plans=_plans(loaded, config, templates),
         pooling=Pooling.parse(config.pooling).value,
         normalize=config.normalize,
         max_length=config.max_length,
@@ -396,6 +409,7 @@ def export_or_reuse(
                 and m.max_length == config.max_length
                 and m.templates == templates
                 and m.default_template == default_name
+                and m.prompt_plans == _plans(loaded, config, templates)
             )
             if same:
                 progress(f"reusing {out} (checksums verified)")

@@ -25,7 +25,7 @@ from echoembed.echo import (
     embed_texts,
     get_template,
 )
-from echoembed.errors import ArtifactError
+from echoembed.errors import ArtifactError, BackendError
 from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
 from echoembed.runtime.ort import OrtRunner, ProviderSpec
 
@@ -65,7 +65,7 @@ def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]
 class Embedder:
     """Echo embeddings from an exported artifact; safe to call from several threads."""
 
-    def __init__(self, root: Path, manifest: Manifest, tokenizer, runner: OrtRunner):
+    def __init__(self, root: Path, manifest: Manifest, tokenizer, runner: OrtRunner | None):
         self.root = root
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -81,13 +81,21 @@ class Embedder:
         providers: Sequence[ProviderSpec] | None = None,
         threads: int | None = None,
         verify: bool = True,
+        session: bool = True,
     ) -> Embedder:
-        """Read the manifest, verify checksums, build the tokenizer and the session."""
+        """Read the manifest, verify checksums, build the tokenizer and the session.
+
+        ``session=False`` loads the tokenizer and templates only (no ONNX Runtime session; only
+        ``tokenizer.json``'s checksum is verified): ``encoder()`` works, ``encode()`` does not.
+        ``echoembed tokenize`` and Triton's ``echo_tokenizer`` load artifacts this way.
+        """
         root = Path(artifact_dir)
         manifest = read_manifest(root)
         if verify:
-            verify_files(root, manifest)
+            verify_files(root, manifest, only=None if session else [TOKENIZER_NAME])
         tokenizer = _load_tokenizer(root / TOKENIZER_NAME)
+        if not session:
+            return cls(root, manifest, tokenizer, None)
         model_path = root / manifest.model_file
         if not model_path.is_file():
             raise ArtifactError(f"{root}: model file {manifest.model_file} is missing")
@@ -156,6 +164,11 @@ class Embedder:
         ``max_length`` truncates each copy of a text to that many tokens (default: the
         artifact's limit, if any).
         """
+        if self.runner is None:
+            raise BackendError(
+                f"{self.root} was loaded with session=False (tokenizer only); load it with "
+                "Embedder.load(path) to compute embeddings"
+            )
         return embed_texts(
             self.runner,
             self.encoder(template, max_length),
