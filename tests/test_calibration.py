@@ -511,3 +511,168 @@ def test_saturating_cpu_warns_on_8bit_int8(tiny_artifact, tmp_path, monkeypatch,
         assert ("no VNNI" in caplog.text) is warned, (saturates, path)
         if warned:
             assert "--reduce-range" in caplog.text
+
+
+def _int4_weights(model) -> dict[str, tuple]:
+    """MatMul node name -> (its DequantizeLinear, INT4 initializer, dequantized weight)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    dq_of = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in dq_of:
+            dq = dq_of[node.input[1]]
+            w = inits[dq.input[0]]
+            assert w.data_type == onnx.TensorProto.INT4, node.name
+            attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+            q = numpy_helper.to_array(w).astype(np.float32)
+            s = numpy_helper.to_array(inits[dq.input[1]])
+            deq = q * np.repeat(s, attrs["block_size"], axis=0)
+            out[node.name] = (dq, w, deq)
+    return out
+
+
+def test_int4_qdq_structure(tiny_artifact, tmp_path):
+    """int4-qdq: INT4 -> DequantizeLinear(axis 0, block_size, no zero point) -> MatMul on every
+    linear layer, standard ONNX only, float embedding table; ORT's CPU provider runs it (and
+    fuses each pair into MatMulNBits)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from echoembed.calibration import Int4QdqConfig
+    from echoembed.calibration.graph import linear_nodes
+
+    art = quantize(tiny_artifact.path, tmp_path / "q", Int4QdqConfig(), SMALL)
+    model = onnx.load(str(art.model_path))
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert {imp.domain: imp.version for imp in model.opset_import} == {"": 21}
+    assert art.manifest.opset == 21 and art.manifest.opset_imports == {"": 21}
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = _int4_weights(model)
+    assert len(weights) == 14 and not linear_nodes(model), "no float linear weight is left"
+    parent = onnx.load(str(tiny_artifact.model_path))
+    floats = {i.name: numpy_helper.to_array(i) for i in parent.graph.initializer}
+    for name, ln in linear_nodes(parent).items():
+        dq, w, deq = weights[name]
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        assert attrs == {"axis": 0, "block_size": 32} and len(dq.input) == 2, "no zero point"
+        q = numpy_helper.to_array(w).astype(np.int8)
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        k, n = q.shape
+        assert scale.shape == (k // 32, n) and (scale > 0).all() and q.min() >= -8
+        want = floats[ln.weight]
+        assert want.shape == (k, n)
+        step = np.repeat(scale, 32, axis=0)
+        assert np.all(np.abs(deq - want) <= step / 2 + 1e-6), f"{name}: round to nearest"
+    table = inits["base.embed_tokens.weight"]
+    assert table.data_type == onnx.TensorProto.FLOAT, "the embedding table stays float"
+    assert [n.op_type for n in model.graph.node].count("Gather") == 1
+    q = art.manifest.quantization
+    assert q.recipe == art.manifest.precision == "int4-qdq" and q.settings == Int4QdqConfig()
+    assert q.mean_cosine > 0.99 and q.smoothed == ()
+    texts = read_texts_any(STSB_DEV)[:16]
+    want = Embedder.load(tiny_artifact.path).encode(texts)
+    got = Embedder.load(art.path, providers=["CPUExecutionProvider"]).encode(texts)
+    cos = (got * want).sum(axis=1)
+    assert cos.mean() > 0.99 and cos.min() > 0.98, cos
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(art.model_path), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert fused.count("MatMulNBits") == 14 and "DequantizeLinear" not in fused
+
+
+def test_int4_qdq_grid_and_packing():
+    """Signed RTN on TensorRT's INT4 grid: positive scales, each the smallest whose -8..7 holds
+    its block; the packed INT4 bytes read back as the same values through onnx."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from echoembed.calibration.int4qdq import pack_int4, rtn_int4
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 6)).astype(np.float32)
+    w[:16, 0] = 0.0  # an all-zero block gets a positive scale too
+    w[16:32, 1] = np.linspace(-1.0, 0.5, 16)  # the negative end is the larger: -8 * scale
+    q, scale = rtn_int4(w, 16)
+    assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7
+    assert scale.shape == (4, 6) and (scale > 0).all()
+    assert scale[1, 1] == pytest.approx(1.0 / 8) and q[16, 1] == -8
+    blocks = w.reshape(4, 16, 6)
+    tight = np.maximum(blocks.max(axis=1) / 7, -blocks.min(axis=1) / 8)
+    np.testing.assert_allclose(scale[tight > 0], tight[tight > 0], rtol=1e-6)
+    err = np.abs(q * np.repeat(scale, 16, axis=0) - w)
+    assert np.all(err <= np.repeat(scale, 16, axis=0) / 2 + 1e-7)
+    for shape in ((64, 6), (3, 5)):  # an odd count pads the last byte
+        vals = rng.integers(-8, 8, size=shape).astype(np.int8)
+        t = helper.make_tensor("t", TensorProto.INT4, list(shape), pack_int4(vals), raw=True)
+        np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), vals)
+
+
+def test_int4_qdq_gptq_and_refusals(tiny_artifact, tmp_path):
+    import onnx
+
+    from echoembed.calibration import Int4QdqConfig
+
+    cfg = Int4QdqConfig(algorithm="gptq", block_size=16, exclude=("*.layers.0.mlp.down_proj/*",))
+    art = quantize(tiny_artifact.path, tmp_path / "g", cfg, SMALL)
+    weights = _int4_weights(onnx.load(str(art.model_path)))
+    assert len(weights) == 13 and "base.layers.0.mlp.down_proj/MatMul" not in weights
+    from onnx import helper
+
+    blocks = {helper.get_attribute_value(a) for dq, _, _ in weights.values() for a in dq.attribute
+              if a.name == "block_size"}  # fmt: skip
+    assert blocks == {16}
+    q = art.manifest.quantization
+    assert q.settings == cfg and q.excluded == ("base.layers.0.mlp.down_proj/MatMul",)
+    assert q.mean_cosine > 0.99
+    assert recipe_from_name("int4-qdq", algorithm="gptq").algorithm == "gptq"
+    with pytest.raises(UserError, match="no setting 'accuracy_level'"):
+        recipe_from_name("int4-qdq", accuracy_level=4)
+    with pytest.raises(UserError, match="algorithm must be 'rtn' or 'gptq'"):
+        Int4QdqConfig(algorithm="hqq")
+    # the tiny model's q/k/v/o/gate/up read K = 32: a 64-row block does not divide it
+    with pytest.raises(UserError, match="block_size 64 does not divide.*12 layers"):
+        quantize(tiny_artifact.path, tmp_path / "b", Int4QdqConfig(block_size=64), SMALL)
+    assert not (tmp_path / "b").exists()
+
+
+def test_int4_qdq_budget_search_and_reuse(tiny_artifact, tmp_path):
+    import onnx
+
+    from echoembed.calibration import Int4QdqConfig
+    from echoembed.calibration.graph import linear_nodes
+    from echoembed.calibration.quantize import quantize_or_reuse
+
+    over = QuantizeOptions(
+        calibration=SMALL.calibration, max_drop=0.0, max_float_fraction=0.25, allow_over_budget=True
+    )
+    art = quantize(tiny_artifact.path, tmp_path / "q", Int4QdqConfig(), over)
+    q = art.manifest.quantization
+    assert not q.within_budget and len(q.excluded) == 3  # 25% of 14 layers
+    model = onnx.load(str(art.model_path))
+    assert set(linear_nodes(model)) == set(q.excluded), "the searched layers stay float MatMuls"
+    assert len(_int4_weights(model)) == 11
+    cfg = Int4QdqConfig(block_size=16)
+    first, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "r", cfg, SMALL)
+    again, reused_again = quantize_or_reuse(tiny_artifact.path, tmp_path / "r", cfg, SMALL)
+    assert not reused and reused_again and again.manifest == first.manifest
+    _, reused = quantize_or_reuse(tiny_artifact.path, tmp_path / "r", Int4QdqConfig(), SMALL)
+    assert not reused, "another block size is another artifact"
+
+
+def test_int4_qdq_cli(tiny_artifact, tmp_path, capsys):
+    from echoembed.cli.main import main
+
+    base = ["quantize", str(tiny_artifact.path), "--samples", "8", "--recipe"]
+    rc = main(base[:2] + [str(tmp_path / "g"), *base[2:], "int4-qdq", "--algorithm", "gptq",
+                          "--block-size", "16"])  # fmt: skip
+    assert rc == 0 and "precision        int4-qdq, opset 21" in capsys.readouterr().out
+    settings = read_manifest(tmp_path / "g").quantization.settings
+    assert (settings.algorithm, settings.block_size) == ("gptq", 16)
+    rc = main(base[:2] + [str(tmp_path / "h"), *base[2:], "int4-hqq", "--algorithm", "gptq"])
+    assert rc == 2 and "--algorithm applies to int4-qdq" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()

@@ -26,6 +26,7 @@ from echoembed.artifact import (
 from echoembed.calibration import (
     CalibrationConfig,
     Fp16Config,
+    Int4QdqConfig,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -46,12 +47,15 @@ CASES = {
     "int8-dynamic-w7": Int8DynamicConfig(reduce_range=True, per_channel=False),
     "int8-static": Int8StaticConfig(exclude=EXCLUDE),
     "int8-static-u8-w7": Int8StaticConfig(activations="uint8", reduce_range=True),
+    "int8-static-per-tensor": Int8StaticConfig(per_channel=False, smooth_alpha=None),
     "int4-rtn": Int4WeightOnlyConfig(
         algorithm="rtn", block_size=16, accuracy_level=0, quantize_embedding=False
     ),
     "int4-hqq": Int4WeightOnlyConfig(algorithm="hqq", exclude=EXCLUDE),
     "int4-hqq-level0": Int4WeightOnlyConfig(algorithm="hqq", accuracy_level=0),
     "int4-gptq": Int4WeightOnlyConfig(algorithm="gptq", accuracy_level=2, exclude=EXCLUDE),
+    "int4-qdq": Int4QdqConfig(exclude=EXCLUDE),
+    "int4-qdq-gptq-b16": Int4QdqConfig(algorithm="gptq", block_size=16),
     "fp16": Fp16Config(exclude=EXCLUDE),
 }
 
@@ -97,6 +101,8 @@ def test_opsets_are_the_graphs(built, tiny_artifact, name):
     if isinstance(cfg, Int4WeightOnlyConfig) and cfg.quantize_embedding:
         # ORT's Gather quantizer raises the default opset to 21 (int4 types); the parent said 18
         assert m.opset == 21 and parent.opset == 18
+    if isinstance(cfg, Int4QdqConfig):  # blocked DequantizeLinear and INT4: opset 21, no MS
+        assert imports == {"ai.onnx": 21} and m.opset_imports == {"": 21} and parent.opset == 18
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -165,7 +171,9 @@ def test_excluded_layers_stay_float(built, name):
             assert node.op_type == "MatMul" and not node.input[0].endswith("/dq")
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.recipe.startswith("int4")])
+@pytest.mark.parametrize(
+    "name", [n for n, c in CASES.items() if isinstance(c, Int4WeightOnlyConfig)]
+)
 def test_matmulnbits_carry_the_settings(built, name):
     art, cfg, model = built(name)
     nodes = _ops(model, "MatMulNBits")
@@ -232,6 +240,149 @@ def test_int8_static_nodes_match_settings(built, name):
     for node in _ops(model, "DequantizeLinear"):
         if node.name.endswith("/weight_DQ"):
             assert (_attrs(node).get("axis") == 1) is cfg.per_channel
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if isinstance(c, Int4QdqConfig)])
+def test_int4_qdq_nodes_match_settings(built, name):
+    art, cfg, model = built(name)
+    assert not _ops(model, "MatMulNBits") and not _ops(model, "GatherBlockQuantized")
+    inits = {i.name: i for i in model.graph.initializer}
+    readers = {n.input[1]: n for n in _ops(model, "MatMul") if len(n.input) > 1}
+    dqs = _ops(model, "DequantizeLinear")
+    assert len(dqs) == LINEAR - len(art.manifest.quantization.excluded)
+    for dq in dqs:
+        assert _attrs(dq) == {"axis": 0, "block_size": cfg.block_size}, dq.name
+        assert len(dq.input) == 2 and inits[dq.input[0]].data_type == TensorProto.INT4
+        mm = readers[dq.output[0]]
+        assert mm.name == dq.name.removesuffix("/weight_DQ") + "/MatMul", "layer names kept"
+
+
+# --- TensorRT's explicit-quantization rules -------------------------------------------------
+
+
+def _tensorrt_qdq_violations(model) -> list[str]:
+    """Where the graph breaks what TensorRT's ONNX parser and Q/DQ layers accept.
+
+    No ``com.microsoft`` (or other non-standard) ops; every QuantizeLinear/DequantizeLinear has
+    constant, finite, strictly positive scales and a zero point that is absent or an all-zero
+    int8/int4 constant (TensorRT has no uint8/uint4 Q/DQ); activations are quantized per tensor
+    by a Q -> DQ pair with the same scale; a weight DQ feeds only MatMul's B and is INT8 per
+    tensor or per output channel (axis 1, one scale per column), or INT4 blocked along K
+    (axis 0, ``block_size`` dividing K, scales [K / block, N]).
+    """
+    inits = _inits(model)
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    out = [
+        f"{n.name}: domain {n.domain}" for n in model.graph.node if n.domain not in ("", "ai.onnx")
+    ]
+    out += [
+        f"opset import {i.domain}" for i in model.opset_import if i.domain not in ("", "ai.onnx")
+    ]
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for k, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, k))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if n.input[1] not in inits:
+            out.append(f"{n.name}: scale is not a constant")
+            continue
+        scale = inits[n.input[1]]
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            out.append(f"{n.name}: scales must be finite and > 0 (min {scale.min():g})")
+        if len(n.input) > 2 and n.input[2]:
+            zp = n.input[2]
+            if zp not in inits or inits[zp].any():
+                out.append(f"{n.name}: zero point is not a constant 0")
+            if types.get(zp) not in (TensorProto.INT8, TensorProto.INT4):
+                out.append(f"{n.name}: zero point type {types.get(zp)} (TensorRT: int8/int4)")
+        weight = n.op_type == "DequantizeLinear" and n.input[0] in inits
+        if weight:
+            out += _weight_dq_violations(n, scale, model, consumers)
+        elif scale.ndim != 0:
+            out.append(f"{n.name}: activation scale is not per tensor {scale.shape}")
+        elif n.op_type == "DequantizeLinear":
+            q = producer.get(n.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or list(q.input[1:]) != list(n.input[1:]):
+                out.append(f"{n.name}: activation DQ without its matching QuantizeLinear")
+    return out
+
+
+def _weight_dq_violations(dq, scale: np.ndarray, model, consumers) -> list[str]:
+    """A weight DequantizeLinear's violations of TensorRT's INT8 / INT4 weight rules."""
+    w = next(i for i in model.graph.initializer if i.name == dq.input[0])
+    k, n = tuple(w.dims) if len(w.dims) == 2 else (0, 0)
+    a = _attrs(dq)
+    out = []
+    uses = consumers.get(dq.output[0], [])
+    if not uses or any(c.op_type != "MatMul" or i != 1 for c, i in uses):
+        out.append(f"{dq.name}: a weight DQ must feed MatMul's B only")
+    if w.data_type == TensorProto.INT8:
+        per_channel = scale.shape == (n,) and a.get("axis") == 1 and "block_size" not in a
+        if scale.ndim != 0 and not per_channel:
+            out.append(f"{dq.name}: INT8 weight scales {scale.shape}, axis {a.get('axis')}")
+    elif w.data_type == TensorProto.INT4:
+        b = a.get("block_size", 0)
+        if a.get("axis") != 0 or not b or k % b or scale.shape != (k // max(b, 1), n):
+            out.append(f"{dq.name}: INT4 needs blocks along K: axis {a.get('axis')}, block {b}")
+        if not any(i.domain in ("", "ai.onnx") and i.version >= 21 for i in model.opset_import):
+            out.append(f"{dq.name}: blocked DequantizeLinear needs opset 21")
+    else:
+        out.append(f"{dq.name}: weight type {w.data_type} (TensorRT: INT8 or INT4)")
+    return out
+
+
+TENSORRT_READY = {
+    n for n, c in CASES.items()
+    if isinstance(c, Int4QdqConfig) or (isinstance(c, Int8StaticConfig) and c.activations == "int8")
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, c in CASES.items() if isinstance(c, (Int8StaticConfig, Int4QdqConfig,
+                                                            Int4WeightOnlyConfig))]
+)  # fmt: skip
+def test_tensorrt_explicit_quantization_rules(built, name):
+    """int8-static with int8 activations and int4-qdq meet every rule; uint8 activations (zero
+    point 128) and MatMulNBits (com.microsoft) are caught, so the check itself can fail."""
+    _, cfg, model = built(name)
+    violations = _tensorrt_qdq_violations(model)
+    if name in TENSORRT_READY:
+        assert violations == []
+        assert _ops(model, "QuantizeLinear") or isinstance(cfg, Int4QdqConfig)
+    elif isinstance(cfg, Int8StaticConfig):  # uint8 activations
+        assert violations and all("zero point" in v for v in violations), violations
+    else:
+        assert any("domain com.microsoft" in v for v in violations), violations
+
+
+def test_tensorrt_rules_catch_onnxruntime_qdq_writer():
+    """onnxruntime's own INT4 QDQ writer (``QuantFormat.QDQ``, symmetric) gives a block whose
+    largest-magnitude value is positive a negative scale, which TensorRT rejects; that is why
+    int4-qdq writes its own (positive) scales."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="m/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    algo = DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=True, quant_format=QuantFormat.QDQ
+    )
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, algo_config=algo)
+    q.process()
+    violations = _tensorrt_qdq_violations(q.model.model)
+    assert violations and all("scales must be finite and > 0" in v for v in violations)
 
 
 @pytest.mark.parametrize("name", CASES)

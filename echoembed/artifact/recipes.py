@@ -110,6 +110,34 @@ class Int4WeightOnlyConfig:
 
 
 @dataclass(frozen=True)
+class Int4QdqConfig:
+    """4-bit weights as standard ONNX Q/DQ that TensorRT imports: a signed INT4 initializer ->
+    ``DequantizeLinear`` (opset 21, ``axis=0``, ``block_size`` rows along K, no zero point,
+    positive scales) -> ``MatMul``; no ``com.microsoft`` ops. Activations stay float.
+
+    ``algorithm``: ``rtn`` (round to nearest) or ``gptq`` (echoembed's GPTQ on the same grid,
+    uses the calibration texts). ``block_size`` must divide every quantized layer's K. The token
+    embedding table stays float.
+    """
+
+    algorithm: Literal["rtn", "gptq"] = "rtn"
+    block_size: int = 32
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    exclude: tuple[str, ...] = ()
+
+    recipe = "int4-qdq"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("rtn", "gptq"):
+            raise UserError(f"algorithm must be 'rtn' or 'gptq', got {self.algorithm!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise UserError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+
+
+@dataclass(frozen=True)
 class Fp16Config:
     """fp16 weights and compute, with fp32 inputs/outputs; ``fp32_ops`` stay in fp32."""
 
@@ -122,8 +150,12 @@ class Fp16Config:
     recipe = "fp16"
 
 
-RecipeConfig = Int8DynamicConfig | Int8StaticConfig | Int4WeightOnlyConfig | Fp16Config
-RECIPE_TYPES = (Int8DynamicConfig, Int8StaticConfig, Int4WeightOnlyConfig, Fp16Config)
+RecipeConfig = (
+    Int8DynamicConfig | Int8StaticConfig | Int4WeightOnlyConfig | Int4QdqConfig | Fp16Config
+)
+RECIPE_TYPES = (
+    Int8DynamicConfig, Int8StaticConfig, Int4WeightOnlyConfig, Int4QdqConfig, Fp16Config,
+)  # fmt: skip
 
 
 def settings_of(config: RecipeConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from echoembed.calibration.data import (
 from echoembed.calibration.quantize import quantize
 from echoembed.calibration.recipes import (
     Fp16Config,
+    Int4QdqConfig,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "CalibrationSet",
     "FixedShapeReader",
     "Fp16Config",
+    "Int4QdqConfig",
     "Int4WeightOnlyConfig",
     "Int8DynamicConfig",
     "Int8StaticConfig",

@@ -124,16 +124,21 @@ def factor_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -
 
 
 def group_params(
-    rows: np.ndarray, symmetric: bool, float_zero: bool = False
+    rows: np.ndarray, symmetric: bool, float_zero: bool = False, positive: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per column of a block of rows [b, N] over 16 levels.
 
     Asymmetric: min/max, the range stretched to hold 0 so that the integer zero point is exact;
     with ``float_zero`` the plain min/max and a fractional zero point (llama.cpp's Q4_1 grid).
     Symmetric: zero point 8 and the largest-magnitude value mapped exactly to code 0
-    (onnxruntime's MLAS convention; the scale may be negative).
+    (onnxruntime's MLAS convention; the scale may be negative); with ``positive`` the smallest
+    positive scale whose grid -8..7 (codes 0..15) holds the block (TensorRT's INT4).
     """
-    if symmetric:
+    if symmetric and positive:
+        lo, hi = rows.min(axis=0), rows.max(axis=0)
+        scale = np.maximum(np.maximum(hi, 0.0) / 7.0, np.maximum(-lo, 0.0) / 8.0)
+        zero = np.full(rows.shape[1], 8.0, dtype=np.float32)
+    elif symmetric:
         lo, hi = rows.min(axis=0), rows.max(axis=0)
         peak = np.where(np.abs(hi) > np.abs(lo), hi, lo)
         scale = peak / -8.0
@@ -191,8 +196,10 @@ def gptq_factored(
     block_size: int,
     symmetric: bool,
     float_zero: bool = False,
+    positive: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`gptq_weight` with the Hessian already factored by :func:`factor_hessian`."""
+    """:func:`gptq_weight` with the Hessian already factored by :func:`factor_hessian`
+    (``positive``: symmetric with positive scales, see :func:`group_params`)."""
     check_block_size(block_size)
     if symmetric and float_zero:
         raise UserError("float_zero is for asymmetric quantization (symmetric has zero point 8)")
@@ -207,14 +214,14 @@ def gptq_factored(
     if prep.perm is None:
 
         def params(g: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            scales[g], zeros[g] = group_params(rows[:block_size], symmetric, float_zero)
+            scales[g], zeros[g] = group_params(rows[:block_size], symmetric, float_zero, positive)
             return scales[g], zeros[g]
 
         codes = _gptq_rows(w, prep.u, block_size, lambda r: r // block_size, params)
     else:  # act-order: groups stay contiguous in K, so their parameters are fixed up front
         for g in range(groups):
             rows = w[g * block_size : (g + 1) * block_size]
-            scales[g], zeros[g] = group_params(rows, symmetric, float_zero)
+            scales[g], zeros[g] = group_params(rows, symmetric, float_zero, positive)
         group = prep.perm // block_size
         permuted = _gptq_rows(
             w[prep.perm],
@@ -485,9 +492,11 @@ def gptq_solve(
     act_order: bool = False,
     float_zero: bool = False,
     progress: Callable[[str], None] = lambda s: None,
+    positive: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(codes, scales, zeros) of every node, by node name, from one Hessian pass (the graph is
-    not modified); layers fed by the same tensor share one factored Hessian."""
+    not modified); layers fed by the same tensor share one factored Hessian (``positive``: see
+    :func:`group_params`)."""
     from onnx import numpy_helper
 
     inputs = list(dict.fromkeys(ln.input for ln in nodes))
@@ -503,7 +512,9 @@ def gptq_solve(
             if ln.input not in factored:
                 factored[ln.input] = factor_hessian(hessians.pop(ln.input), damp, act_order)
             w = numpy_helper.to_array(inits[ln.weight]).astype(np.float32)
-            out[ln.name] = gptq_factored(w, factored[ln.input], block_size, symmetric, float_zero)
+            out[ln.name] = gptq_factored(
+                w, factored[ln.input], block_size, symmetric, float_zero, positive
+            )
             left[ln.input] -= 1
             if not left[ln.input]:
                 del factored[ln.input]

@@ -62,6 +62,7 @@ from echoembed.calibration.graph import (
 from echoembed.calibration.recipes import (
     RECIPE_TYPES,
     Fp16Config,
+    Int4QdqConfig,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -192,6 +193,13 @@ def _apply(graph: FloatGraph, config: RecipeConfig, excluded: tuple[str, ...], o
             model, nodes, graph.ranges, config.per_channel, config.activations,
             weight_max=63 if config.reduce_range else 127,
         )  # fmt: skip
+        _save(model, out)
+    elif isinstance(config, Int4QdqConfig):
+        from echoembed.calibration.int4qdq import to_int4_qdq
+
+        model = onnx.load(str(graph.path))
+        nodes = [graph.linear[n] for n in quantizable]
+        to_int4_qdq(model, nodes, config.block_size, graph.gptq)
         _save(model, out)
     else:
         model = _int4(graph, config, quantizable, excluded)
@@ -490,6 +498,8 @@ def _prepare(job: QuantizeJob) -> FloatGraph:
     config = job.config
     if isinstance(config, Int8StaticConfig):
         graph.ranges = _static_ranges(job, graph, config)
+    elif isinstance(config, Int4QdqConfig):
+        graph.gptq = _int4_qdq_prepare(job, config)
     elif isinstance(config, Int4WeightOnlyConfig) and config.algorithm == "gptq":
         from echoembed.calibration.gptq import gptq_solve
 
@@ -500,6 +510,23 @@ def _prepare(job: QuantizeJob) -> FloatGraph:
         )  # fmt: skip
     job.graph = graph
     return graph
+
+
+def _int4_qdq_prepare(job: QuantizeJob, config: Int4QdqConfig) -> dict[str, tuple] | None:
+    """Refuse a block size that does not divide a layer's K (before any work); GPTQ codes on
+    the positive symmetric INT4 grid for ``algorithm="gptq"`` (None for RTN)."""
+    from echoembed.calibration.int4qdq import check_block_size
+
+    nodes = [ln for n, ln in job.linear.items() if n not in job.excluded]
+    check_block_size(job.model, nodes, config.block_size)
+    if config.algorithm != "gptq":
+        return None
+    from echoembed.calibration.gptq import gptq_solve
+
+    return gptq_solve(
+        job.model, list(job.linear.values()), job.reader, config.block_size, True,
+        config.gptq_damp, config.gptq_act_order, False, job.progress, positive=True,
+    )  # fmt: skip
 
 
 def _static_ranges(job: QuantizeJob, graph: FloatGraph, config: Int8StaticConfig):

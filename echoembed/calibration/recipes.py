@@ -14,6 +14,7 @@ from typing import Any, Literal
 from echoembed.artifact.recipes import (
     RECIPE_TYPES,
     Fp16Config,
+    Int4QdqConfig,
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -28,6 +29,7 @@ __all__ = [
     "BUDGET_METRICS",
     "RECIPE_TYPES",
     "Fp16Config",
+    "Int4QdqConfig",
     "Int4WeightOnlyConfig",
     "Int8DynamicConfig",
     "Int8StaticConfig",
@@ -87,6 +89,7 @@ def recipe_from_name(name: str, **overrides: Any) -> RecipeConfig:
         "int4-rtn": Int4WeightOnlyConfig(algorithm="rtn"),
         "int4-hqq": Int4WeightOnlyConfig(algorithm="hqq"),
         "int4-gptq": Int4WeightOnlyConfig(algorithm="gptq"),
+        "int4-qdq": Int4QdqConfig(),
         "fp16": Fp16Config(),
     }
     if name not in table:

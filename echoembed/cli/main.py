@@ -74,10 +74,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from echoembed.artifact import describe
     from echoembed.calibration import CalibrationConfig, QuantizeOptions, quantize, recipe_from_name
 
+    if args.algorithm is not None and args.recipe != "int4-qdq":
+        raise UserError(f"--algorithm applies to int4-qdq, not {args.recipe} (its name says it)")
     config = recipe_from_name(
         args.recipe,
         exclude=tuple(args.exclude) or None,
         block_size=args.block_size,
+        algorithm=args.algorithm,
         accuracy_level=args.accuracy_level,
         quantize_embedding=False if args.float_embedding else None,
         method=args.method,
@@ -114,6 +117,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.no_verify:
         verify_files(Path(args.artifact), manifest)
         print(f"checksums        all {len(manifest.files)} files verified")
+    if args.trt:
+        from echoembed.engines import PreflightConfig, format_report, preflight
+
+        report = preflight(PreflightConfig(args.artifact, args.trt_version))
+        print(format_report(report))
+        return 1 if report.failed else 0
     return 0
 
 
@@ -336,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         required=True,
-        choices=["int8-dynamic", "int8-static", "int4-rtn", "int4-hqq", "int4-gptq", "fp16"],
-    )
+        choices=[
+            "int8-dynamic", "int8-static", "int4-rtn", "int4-hqq", "int4-gptq", "int4-qdq", "fp16",
+        ],
+    )  # fmt: skip
     p.add_argument(
         "--calibration",
         default=None,
@@ -365,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--allow-over-budget", action="store_true", help="write it even if over")
     p.add_argument("--exclude", nargs="*", default=[], help="layers to keep in float (globs)")
     p.add_argument("--block-size", type=int, default=None, help="4-bit block size (32)")
+    p.add_argument(
+        "--algorithm", choices=["rtn", "gptq"], default=None,
+        help="int4-qdq: round to nearest (default) or GPTQ on the same INT4 grid",
+    )  # fmt: skip
     p.add_argument("--accuracy-level", type=int, default=None, help="4-bit MatMulNBits (4)")
     p.add_argument(
         "--float-embedding", action="store_true", help="4-bit: keep the embedding table float"
@@ -393,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact's manifest and verify its checksums")
     p.add_argument("artifact")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
+    p.add_argument(
+        "--trt", action="store_true",
+        help="TensorRT pre-flight (CPU, no TensorRT): would its ONNX parser accept the graph? "
+        "exit 1 when not",
+    )  # fmt: skip
+    p.add_argument("--trt-version", default=None, help="TensorRT 10.x (default: newest table)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="echo vs classical on shipped pairs (and STS with --sts)")
