@@ -133,9 +133,13 @@ def test_manifest_round_trip(tiny_artifact):
     assert Manifest.from_dict(json.loads(m.to_json())) == m
 
 
-def test_unavailable_provider_warns_and_falls_back(tiny_artifact, caplog):
+def test_unavailable_provider_is_refused_unless_fallback_is_allowed(tiny_artifact, caplog):
+    with pytest.raises(BackendError, match=r"NoSuchExecutionProvider.*allow_fallback=True"):
+        Embedder.load(tiny_artifact.path, providers=["NoSuchExecutionProvider"])
     with caplog.at_level(logging.WARNING, logger="echoembed.runtime.ort"):
-        e = Embedder.load(tiny_artifact.path, providers=["NoSuchExecutionProvider"])
+        e = Embedder.load(
+            tiny_artifact.path, providers=["NoSuchExecutionProvider"], allow_fallback=True
+        )
     assert "NoSuchExecutionProvider" in caplog.text and "falling back" in caplog.text
     assert e.runner.providers == ["CPUExecutionProvider"]
     assert e.encode(["hello"]).shape == (1, 32)

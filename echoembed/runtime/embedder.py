@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from echoembed.echo import (
 )
 from echoembed.errors import ArtifactError, BackendError
 from echoembed.runtime.cpu import runs_u8s8, u8s8_saturates
-from echoembed.runtime.ort import OrtRunner, ProviderSpec
+from echoembed.runtime.ort import OrtRunner
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,20 @@ class Embedder:
     def load(
         cls,
         artifact_dir: str | os.PathLike[str],
-        providers: Sequence[ProviderSpec] | None = None,
+        providers: Sequence[Any] | None = None,
         threads: int | None = None,
         verify: bool = True,
         session: bool = True,
+        allow_fallback: bool = False,
     ) -> Embedder:
         """Read the manifest, verify checksums, build the tokenizer and the session.
 
         ``session=False`` loads the tokenizer and templates only (no ONNX Runtime session; only
         ``tokenizer.json``'s checksum is verified): ``encoder()`` works, ``encode()`` does not.
         ``echoembed tokenize`` and Triton's ``echo_tokenizer`` load artifacts this way.
+        ``providers``: names, (name, options) pairs or ``runtime.providers`` configs
+        (``CudaProvider``, ``TensorRTProvider``, ``TensorRTRtxProvider``); a requested provider
+        that is missing or does not start is a ``BackendError`` unless ``allow_fallback``.
         """
         root = Path(artifact_dir)
         manifest = read_manifest(root)
@@ -100,7 +105,11 @@ class Embedder:
         if not model_path.is_file():
             raise ArtifactError(f"{root}: model file {manifest.model_file} is missing")
         runner = OrtRunner(
-            model_path, manifest.output_name, providers=providers, threads=threads
+            model_path,
+            manifest.output_name,
+            providers=providers,
+            threads=threads,
+            allow_fallback=allow_fallback,
         )
         _check_integer_kernels(root, manifest, runner.providers)
         return cls(root, manifest, tokenizer, runner)

@@ -13,42 +13,72 @@ import numpy as np
 from echoembed.artifact import OUTPUT_NAME
 from echoembed.echo import EncodedBatch
 from echoembed.errors import ArtifactError, BackendError
+from echoembed.runtime.providers import (
+    CPU,
+    GPU_HINT,
+    TensorRTRtxProvider,
+    provider_name,
+    register_rtx,
+)
 
 log = logging.getLogger(__name__)
 
-ProviderSpec = str | tuple[str, dict[str, Any]]
+ProviderSpec = str | tuple[str, dict[str, Any]]  # or a typed config of runtime.providers
 
 
-def _name(p: ProviderSpec) -> str:
-    return p if isinstance(p, str) else p[0]
+def _name(p: Any) -> str:
+    return provider_name(p)
 
 
-def select_providers(requested: Sequence[ProviderSpec] | None) -> list[ProviderSpec]:
-    """Check requested providers against the available ones; warn and drop the missing ones.
+def _spec(p: Any) -> ProviderSpec:
+    """A provider as ONNX Runtime takes it: a name or (name, options)."""
+    if isinstance(p, (str, tuple)):
+        return p
+    return (p.name, p.options())
 
-    None means CUDA then CPU where CUDA is available, else CPU.
+
+def _as_list(providers: Any) -> list[Any]:
+    if providers is None:
+        return []
+    if isinstance(providers, (str, tuple)) or hasattr(providers, "options"):
+        return [providers]
+    return list(providers)
+
+
+def select_providers(
+    requested: Sequence[Any] | Any | None, allow_fallback: bool = False
+) -> list[ProviderSpec]:
+    """Check requested providers against this onnxruntime build's.
+
+    None means CUDA then CPU where CUDA is available, else CPU. A requested provider that this
+    build lacks is a ``BackendError`` naming the fix, unless ``allow_fallback`` (then a warning,
+    and it is dropped). The TensorRT-RTX plugin EP is added through the session options
+    (``OrtRunner``), not here.
     """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if requested is None:
-        requested = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        return list(requested)
-    if isinstance(requested, str):
-        requested = [requested]
-    chosen = [p for p in requested if _name(p) in available]
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    requested = [p for p in _as_list(requested) if not isinstance(p, TensorRTRtxProvider)]
+    chosen = [_spec(p) for p in requested if _name(p) in available]
     missing = [_name(p) for p in requested if _name(p) not in available]
+    fallback = [_name(p) for p in chosen] or [CPU]
     if missing:
+        if not allow_fallback:
+            raise BackendError(
+                f"execution provider(s) {missing} are not available in this onnxruntime build "
+                f"(available: {available}); {GPU_HINT}; or allow the fallback to {fallback} "
+                "(allow_fallback=True)"
+            )
         log.warning(
             "execution provider(s) %s not available in this onnxruntime build (available: %s); "
             "falling back to %s",
             missing,
             available,
-            [_name(p) for p in chosen] or ["CPUExecutionProvider"],
+            fallback,
         )
-    if not chosen:
-        chosen = ["CPUExecutionProvider"]
-    return chosen
+    return chosen or [CPU]
 
 
 def _translate_load_error(path: Path, e: Exception) -> Exception:
@@ -78,8 +108,9 @@ class OrtRunner:
         self,
         model_path: str | os.PathLike[str],
         output_name: str = OUTPUT_NAME,
-        providers: Sequence[ProviderSpec] | None = None,
+        providers: Sequence[Any] | None = None,
         threads: int | None = None,
+        allow_fallback: bool = False,
     ):
         import onnxruntime as ort
 
@@ -90,14 +121,29 @@ class OrtRunner:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        chosen = select_providers(providers)
+        listed = _as_list(providers)
+        rtx = [p for p in listed if isinstance(p, TensorRTRtxProvider)]
+        for p in rtx:
+            register_rtx(p, opts)
+        chosen = (
+            [] if rtx and len(rtx) == len(listed) else select_providers(providers, allow_fallback)
+        )
+        wanted = [_name(p) for p in rtx] + [_name(p) for p in chosen]
         try:
-            self.session = ort.InferenceSession(str(self.model_path), opts, providers=chosen)
+            kwargs = {"providers": chosen} if chosen else {}
+            self.session = ort.InferenceSession(str(self.model_path), opts, **kwargs)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise _translate_load_error(self.model_path, e) from e
         active = self.session.get_providers()
-        lost = [_name(p) for p in chosen if _name(p) not in active]
+        lost = [n for n in wanted if n not in active]
         if lost:
+            if not allow_fallback:
+                raise BackendError(
+                    f"onnxruntime could not start {lost} for {self.model_path.name} and would "
+                    f"silently run on {active}; usually a CUDA, cuDNN or TensorRT library is "
+                    "missing or does not match this onnxruntime-gpu (its log above says which). "
+                    "Fix the libraries, or allow the fallback (allow_fallback=True)"
+                )
             log.warning("onnxruntime could not initialize %s; running on %s", lost, active)
         self.providers = active
         self.input_names = [i.name for i in self.session.get_inputs()]
