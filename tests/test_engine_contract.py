@@ -37,7 +37,8 @@ def test_profile_parses_the_cli_form():
 
 
 @pytest.mark.parametrize(
-    "text", ["1,1:8,128", "1,1:8,128:32", "a,1:8,128:32,512", "0,1:8,128:32,512", "1,1;8,128;32,512"]
+    "text",
+    ["1,1:8,128", "1,1:8,128:32", "a,1:8,128:32,512", "0,1:8,128:32,512", "1,1;8,128;32,512"],
 )
 def test_malformed_profiles_are_input_errors(text):
     with pytest.raises(InputError):
