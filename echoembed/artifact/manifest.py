@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from echoembed.artifact.engine import EngineInfo
 from echoembed.artifact.recipes import RecipeConfig, recipe_from_settings, settings_of
 from echoembed.echo.encode import SpecialTokens
 from echoembed.echo.plan import PromptPlan
@@ -134,6 +135,7 @@ class Manifest:
     opset_imports: dict[str, int] = field(default_factory=dict)  # domain -> version ("" = ai.onnx)
     requested_opset: int | None = None  # what the export asked for (the graph may import newer)
     prompt_plans: tuple[PromptPlan, ...] = ()  # one per template this tokenizer can encode
+    engine: EngineInfo | None = None  # engine artifacts only: the TensorRT plan's contract
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
@@ -157,6 +159,8 @@ class Manifest:
         d["format_version"] = FORMAT_VERSION
         if self.quantization is not None:  # asdict keeps tuples; JSON wants lists either way
             d["quantization"]["settings"] = settings_of(self.quantization.settings)
+        if self.engine is not None:
+            d["engine"] = self.engine.to_dict()
         return d
 
     @classmethod
@@ -203,6 +207,8 @@ class Manifest:
             if version < 3:  # formats 1 and 2 recorded no prompt plans
                 d.setdefault("prompt_plans", [])
             d["prompt_plans"] = tuple(PromptPlan.from_dict(p) for p in d["prompt_plans"])
+            if d.get("engine") is not None:
+                d["engine"] = EngineInfo.from_dict(d["engine"])
             return cls(**d)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
@@ -306,6 +312,17 @@ def describe(manifest: Manifest) -> str:
             else "none (an older format: re-export for examples/cpp)"
         ),
         "inputs           " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs),
+        *(
+            [
+                f"engine           TensorRT {m.engine.tensorrt_version}, {m.engine.device_name} "
+                f"(compute capability {m.engine.compute_capability}), profiles "
+                + " ".join(p.spec() for p in m.engine.profiles)
+                + f", version-compatible {m.engine.version_compatible}, hardware "
+                f"{m.engine.hardware_compatibility}"
+            ]
+            if m.engine is not None
+            else []
+        ),
         "outputs          " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs),
     ]
     if m.parity is not None:

@@ -109,6 +109,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from echoembed.engines.builder import BuildConfig, build_engine, parse_profiles
+
+    config = BuildConfig(
+        artifact=Path(args.artifact),
+        out=Path(args.out),
+        profiles=parse_profiles(args.profile),
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        workspace_gb=args.workspace,
+        hardware_compat=args.hardware_compat,
+        version_compatible=args.version_compatible,
+        device=args.device,
+        force=args.force,
+    )
+    art = build_engine(config)
+    e = art.manifest.engine
+    print(f"wrote engine artifact {art.path} (TensorRT {e.tensorrt_version}, {e.device_name}, "
+          f"compute capability {e.compute_capability})")  # fmt: skip
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from echoembed.artifact import describe, read_manifest, verify_files
 
@@ -415,6 +436,27 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--trt-version", default=None, help="TensorRT 10.x (default: newest table)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "build-engine", help="build a TensorRT engine artifact from an ONNX artifact (GPU)"
+    )
+    p.add_argument("artifact", help="an ONNX artifact (export / quantize)")
+    p.add_argument("out", help="the engine artifact directory to create")
+    p.add_argument(
+        "--profile", action="append", default=None, metavar="B_MIN,S_MIN:B_OPT,S_OPT:B_MAX,S_MAX",
+        help="an optimization profile over [batch, seq]; repeat for several (default "
+        "1,1:32,128:32,512)",
+    )  # fmt: skip
+    p.add_argument("--timing-cache", default=None, help="read, then update, this timing cache")
+    p.add_argument("--workspace", type=float, default=None, help="workspace limit in GB")
+    p.add_argument("--hardware-compat", default="none", choices=["none", "ampere+", "same-cc"])
+    p.add_argument(
+        "--version-compatible", action="store_true",
+        help="a plan later TensorRT versions can run (slower)",
+    )  # fmt: skip
+    p.add_argument("--device", type=int, default=0, help="CUDA device to build on")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_build_engine)
 
     p = sub.add_parser("demo", help="echo vs classical on shipped pairs (and STS with --sts)")
     p.add_argument("--model", default="smollm2")

@@ -21,6 +21,7 @@ from echoembed.echo import (
     PRESETS,
     EchoEncoder,
     EncoderConfig,
+    Runner,
     SpecialTokens,
     Template,
     embed_texts,
@@ -66,7 +67,7 @@ def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]
 class Embedder:
     """Echo embeddings from an exported artifact; safe to call from several threads."""
 
-    def __init__(self, root: Path, manifest: Manifest, tokenizer, runner: OrtRunner | None):
+    def __init__(self, root: Path, manifest: Manifest, tokenizer, runner: Runner | None):
         self.root = root
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -104,6 +105,14 @@ class Embedder:
         model_path = root / manifest.model_file
         if not model_path.is_file():
             raise ArtifactError(f"{root}: model file {manifest.model_file} is missing")
+        if manifest.engine is not None:  # an engine artifact: its TensorRT plan on the GPU
+            from echoembed.runtime.tensorrt import TensorRTRunner
+
+            if providers is not None:
+                log.warning("%s is a TensorRT engine artifact; providers=%s is ignored", root,
+                            providers)  # fmt: skip
+            engine_runner = TensorRTRunner(model_path, manifest.engine, manifest.output_name)
+            return cls(root, manifest, tokenizer, engine_runner)
         runner = OrtRunner(
             model_path,
             manifest.output_name,
