@@ -196,3 +196,14 @@ def gemm_to_matmul(model) -> int:
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     return count
+
+
+def rewrite_graph(model, nodes: list, new_initializers: list) -> None:
+    """Replace ``model``'s nodes with ``nodes`` (in order), drop the initializers no node reads
+    any more, and add ``new_initializers`` (what a Q/DQ rewrite of the weights needs)."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + list(new_initializers))

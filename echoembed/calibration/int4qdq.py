@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from echoembed.calibration.gptq import group_params
-from echoembed.calibration.graph import LinearNode
+from echoembed.calibration.graph import LinearNode, rewrite_graph
 from echoembed.errors import InternalError, UserError, require
 
 QDQ_OPSET = 21  # DequantizeLinear with block_size, and the INT4 type
@@ -116,12 +116,7 @@ def to_int4_qdq(
             out.append(before[node.name])
             node.input[1] = before[node.name].output[0]
         out.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(out)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
+    rewrite_graph(model, out, new_inits)
     _require_opset(model)
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from echoembed.artifact import atomic_write_json, sha256_file
-from echoembed.calibration.graph import LinearNode, probe
+from echoembed.calibration.graph import LinearNode, probe, rewrite_graph
 from echoembed.errors import InputError, require
 
 if TYPE_CHECKING:
@@ -243,9 +243,4 @@ def _splice(model, by_name: dict[str, LinearNode], before, qdq_of, new_inits) ->
             node.input[0] = qdq_of[ln.input]
             node.input[1] = f"{ln.module}.weight_dq"
         out_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(out_nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
+    rewrite_graph(model, out_nodes, new_inits)
