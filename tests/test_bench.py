@@ -22,6 +22,7 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
         speed_texts=8,
         repeats=1,
         runs_dir=tmp_path,
+        max_batch_tokens=256,
     )
     result = run_bench(config)
     rows = {r.variant: r for r in result.report.rows}
@@ -43,6 +44,8 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
     }  # fmt: skip
     assert data["machine"]["cpu_count"] == result.report.machine.cpu_count
     assert "| echoembed fp32 |" in (run / "bench.md").read_text()
+    assert data["max_batch_tokens"] == 256 and 0.0 <= data["padding_fraction"] < 1.0
+    assert "at most 256 padded tokens each" in (run / "bench.md").read_text()
     assert (run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*tmp*"))
 

@@ -223,6 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peer=args.peer,
         speed_texts=args.speed_texts,
         batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
         repeats=args.repeats,
         threads=args.threads,
         providers=tuple(args.providers) if args.providers else None,
@@ -550,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--speed-texts", type=int, default=128, help="texts timed per repeat")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=None,
+        help="also cap each artifact batch at this many padded tokens (token-budget batching)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers")

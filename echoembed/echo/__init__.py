@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from echoembed.echo.batching import Runner, embed_texts
+from echoembed.echo.batching import Runner, embed_texts, padding_fraction, plan_batches
 from echoembed.echo.encode import (
     INPUT_NAMES,
     EchoEncoder,
@@ -32,6 +32,8 @@ __all__ = [
     "Preset",
     "PromptPlan",
     "Runner",
+    "padding_fraction",
+    "plan_batches",
     "SpecialTokens",
     "Template",
     "embed_texts",

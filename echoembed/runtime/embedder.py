@@ -173,6 +173,7 @@ class Embedder:
         variables: Mapping[str, str] | None = None,
         max_length: int | None = None,
         show_progress: bool | None = None,
+        max_batch_tokens: int | None = None,
     ) -> np.ndarray:
         """Embed texts -> float32 [n, hidden], rows in input order.
 
@@ -180,7 +181,8 @@ class Embedder:
         pooling is fixed by the artifact. With ``normalize=False`` the graph output is returned
         as is (already unit-norm when the artifact was exported with normalization).
         ``max_length`` truncates each copy of a text to that many tokens (default: the
-        artifact's limit, if any).
+        artifact's limit, if any). ``max_batch_tokens`` caps each batch's padded size (rows x
+        its longest prompt) as well as its rows (``batch_size``).
         """
         if self.runner is None:
             raise BackendError(
@@ -195,4 +197,5 @@ class Embedder:
             normalize=normalize,
             variables=variables,
             show_progress=show_progress,
+            max_batch_tokens=max_batch_tokens,
         )

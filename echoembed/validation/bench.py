@@ -52,6 +52,7 @@ class BenchConfig:
     peer_dir: Path = Path("runs/peers")  # the peer's HF directory and optimum export cache
     speed_texts: int = 128
     batch_size: int = 32
+    max_batch_tokens: int | None = None  # ONNX artifacts: also cap each batch's padded tokens
     repeats: int = 3
     threads: int | None = None
     providers: tuple[str, ...] | None = None
@@ -86,6 +87,8 @@ class BenchReport:
     rows: tuple[BenchRow, ...]
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> why
     schema: int = BENCH_SCHEMA
+    max_batch_tokens: int | None = None
+    padding_fraction: float | None = None  # of the artifacts' batches on the throughput texts
 
     def to_json(self) -> str:
         import json
@@ -166,7 +169,9 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
         seen.add(name)
 
         def run(texts, emb=emb):
-            return emb.encode(texts, batch_size=config.batch_size)
+            return emb.encode(
+                texts, batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens
+            )
 
         out.append(
             _Variant(
@@ -259,6 +264,21 @@ def _rows(
     return rows
 
 
+def artifact_padding(config: BenchConfig, texts: list[str]) -> float | None:
+    """The padding share of the artifacts' batches (first artifact's tokenizer and default
+    template) on ``texts``, with the bench's ``batch_size`` and ``max_batch_tokens``."""
+    from echoembed.echo import padding_fraction, plan_batches
+    from echoembed.runtime import Embedder
+
+    if not config.artifacts or not texts:
+        return None
+    enc = Embedder.load(config.artifacts[0], session=False).encoder()
+    lengths = [len(r.ids) for r in enc.encode_ids(texts)]
+    return padding_fraction(
+        lengths, plan_batches(lengths, config.batch_size, config.max_batch_tokens)
+    )
+
+
 def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
     """Run every variant on the same STS sentences; see the module docstring."""
     config = config or BenchConfig()
@@ -286,6 +306,8 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         repeats=config.repeats,
         rows=tuple(_rows(variants, embedded, speed, data, sentences)),
         skipped=skipped,
+        max_batch_tokens=config.max_batch_tokens,
+        padding_fraction=artifact_padding(config, sentences[: config.speed_texts]),
     )
     run_dir = new_run_dir(Path(config.runs_dir), "bench", Path(config.model).name)
     atomic_write(run_dir / "bench.json", report.to_json())
@@ -312,6 +334,13 @@ def format_bench(report: BenchReport) -> str:
         lines.append(
             f"| {r.variant} | {mb} | {rel} | {r.mean_cosine:.5f} | {r.min_cosine:.5f} | "
             f"{r.sts_spearman:.2f} | {r.texts_per_s:.1f} | {r.vs_reference:.2f}x |"
+        )
+    if report.padding_fraction is not None:
+        cap = report.max_batch_tokens
+        budget = "" if cap is None else f", at most {cap} padded tokens each"
+        lines.append(
+            f"\npadding: {100 * report.padding_fraction:.1f}% of the echoembed artifacts' batch "
+            f"tokens (length-sorted batches of {report.batch_size}{budget})"
         )
     for name, why in report.skipped.items():
         lines.append(f"\nskipped {name}: {why}")
