@@ -285,7 +285,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        address=args.address,
         start_timeout_s=args.timeout,
         log_file=Path(args.log_file) if args.log_file else None,
     )
@@ -598,7 +597,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None, help="default: a free port")
     p.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
     p.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
-    p.add_argument("--address", default="127.0.0.1", help="bind address of every endpoint")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
     p.add_argument("--log-file", default=None, help="tritonserver log (default: temporary)")
     p.set_defaults(func=cmd_serve)

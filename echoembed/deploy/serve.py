@@ -46,6 +46,8 @@ INSTALL_HINT = f"pip install --no-deps {PYTRITON}"
 STUB_NUMPY = "numpy==1.26.4"
 STUB_SITE = "triton-stub-site"
 SHM_DIR = Path("/dev/shm")
+# Every endpoint binds to loopback only; expose a server through a reverse proxy of your own.
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,6 @@ class ServeConfig:
     http_port: int | None = None  # None: a free port
     grpc_port: int | None = None
     metrics_port: int | None = None
-    address: str = "127.0.0.1"  # every endpoint binds here
     start_timeout_s: float = 120.0  # process start -> /v2/health/ready
     stop_timeout_s: float = 15.0  # SIGTERM -> exit, then SIGKILL
     log_file: Path | None = None  # None: a temporary file, removed at stop
@@ -151,20 +152,20 @@ def _stub_env(work: Path, site: Path | None) -> Path:
     return env / "bin"
 
 
-def free_port(address: str = "127.0.0.1") -> int:
+def free_port() -> int:
     """A port nothing listens on now (bound to port 0, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
+        s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
 
 
-def port_is_free(port: int, address: str = "127.0.0.1") -> bool:
+def port_is_free(port: int) -> bool:
     """Whether a server could listen on ``port`` now (SO_REUSEADDR, as servers bind: a socket
     left in TIME_WAIT by a closed connection does not count, a listening one does)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((address, port))
+            s.bind((LOOPBACK, port))
         except OSError:
             return False
     return True
@@ -175,9 +176,9 @@ def _ports(config: ServeConfig) -> tuple[int, int, int]:
     for name, port in zip(("http", "grpc", "metrics"), wanted, strict=True):
         if port is not None and not (0 < port < 65536):
             raise DeployError(f"--{name}-port must be in 1..65535, got {port}")
-        if port is not None and not port_is_free(port, config.address):
+        if port is not None and not port_is_free(port):
             raise DeployError(
-                f"{name} port {port} on {config.address} is in use; choose another or omit it "
+                f"{name} port {port} on {LOOPBACK} is in use; choose another or omit it "
                 "for a free one"
             )
     taken = [p for p in wanted if p is not None]
@@ -186,9 +187,9 @@ def _ports(config: ServeConfig) -> tuple[int, int, int]:
     out: list[int] = []
     for port in wanted:
         if port is None:
-            port = free_port(config.address)
+            port = free_port()
             while port in taken or port in out:
-                port = free_port(config.address)
+                port = free_port()
         out.append(port)
     return out[0], out[1], out[2]
 
@@ -215,15 +216,15 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self.config.address}:{self.http_port}"
+        return f"{LOOPBACK}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.config.address}:{self.grpc_port}"
+        return f"{LOOPBACK}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.config.address}:{self.metrics_port}/metrics"
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -246,11 +247,11 @@ class TritonServer:
             f"--model-repository={Path(c.repo).resolve()}",
             f"--backend-directory={backends}",
             "--disable-auto-complete-config",
-            f"--http-address={c.address}",
+            f"--http-address={LOOPBACK}",
             f"--http-port={self.http_port}",
-            f"--grpc-address={c.address}",
+            f"--grpc-address={LOOPBACK}",
             f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={c.address}",
+            f"--metrics-address={LOOPBACK}",
             f"--metrics-port={self.metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--exit-timeout-secs={max(1, int(c.stop_timeout_s) - 2)}",
@@ -310,7 +311,7 @@ class TritonServer:
         return self
 
     def is_ready(self) -> bool:
-        url = f"http://{self.config.address}:{self.http_port}/v2/health/ready"
+        url = f"http://{LOOPBACK}:{self.http_port}/v2/health/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 return r.status == 200
