@@ -17,7 +17,6 @@ from echoembed.echo import (
     PlanPiece,
     PromptPlan,
     Template,
-    prompt_plan,
     template_plans,
     water_fill,
 )
@@ -70,7 +69,7 @@ def test_plan_reproduces_the_encoder(smollm2_tokenizer, texts, name, limits):
     tok, special, _ = smollm2_tokenizer
     tpl = PRESETS[name].template()
     enc = EchoEncoder(tok, special, EncoderConfig(tpl, *limits))
-    plan = prompt_plan(enc)
+    plan = enc.plan()
     assert plan == enc.plan() and plan.template == name
     assert (plan.max_length, plan.context_length, plan.pad_id) == (*limits, enc.pad_id)
     rows = enc.encode_ids(texts)

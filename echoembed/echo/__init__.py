@@ -10,7 +10,6 @@ from echoembed.echo.encode import (
     EncodedRow,
     EncoderConfig,
     SpecialTokens,
-    prompt_plan,
     template_plans,
     validate_texts,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "l2_normalize",
     "parse_pieces",
     "pool",
-    "prompt_plan",
     "template_plans",
     "validate_texts",
     "water_fill",

@@ -289,11 +289,6 @@ def _fit(plan: PromptPlan, pieces: list[list[int]], row: int) -> tuple[list[list
     return pieces, True
 
 
-def prompt_plan(encoder: EchoEncoder, variables: Mapping[str, str] | None = None) -> PromptPlan:
-    """The ``PromptPlan`` ``encoder`` follows (its template's defaults, or ``variables``)."""
-    return encoder.plan(variables)
-
-
 def template_plans(
     tokenizer: "Tokenizer",
     special: SpecialTokens,

@@ -45,7 +45,6 @@ from echoembed.artifact.engine import (
     Profile,
 )
 from echoembed.artifact.manifest import MANIFEST_NAME
-from echoembed.echo import INPUT_NAMES
 from echoembed.errors import ExportError, InputError
 
 log = logging.getLogger(__name__)
@@ -209,4 +208,4 @@ def parse_profiles(specs: Sequence[str] | None) -> tuple[Profile, ...]:
     return tuple(parse_profile(s) for s in specs) if specs else (DEFAULT_PROFILE,)
 
 
-__all__ = ["INPUT_NAMES", "BuildConfig", "build_engine", "build_plan", "parse_profiles"]
+__all__ = ["BuildConfig", "build_engine", "build_plan", "parse_profiles"]

@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 ProviderSpec = str | tuple[str, dict[str, Any]]  # or a typed config of runtime.providers
 
 
-def _name(p: Any) -> str:
-    return provider_name(p)
-
-
 def _spec(p: Any) -> ProviderSpec:
     """A provider as ONNX Runtime takes it: a name or (name, options)."""
     if isinstance(p, (str, tuple)):
@@ -61,9 +57,9 @@ def select_providers(
     if requested is None:
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     requested = [p for p in _as_list(requested) if not isinstance(p, TensorRTRtxProvider)]
-    chosen = [_spec(p) for p in requested if _name(p) in available]
-    missing = [_name(p) for p in requested if _name(p) not in available]
-    fallback = [_name(p) for p in chosen] or [CPU]
+    chosen = [_spec(p) for p in requested if provider_name(p) in available]
+    missing = [provider_name(p) for p in requested if provider_name(p) not in available]
+    fallback = [provider_name(p) for p in chosen] or [CPU]
     if missing:
         if not allow_fallback:
             raise BackendError(
@@ -128,7 +124,7 @@ class OrtRunner:
         chosen = (
             [] if rtx and len(rtx) == len(listed) else select_providers(providers, allow_fallback)
         )
-        wanted = [_name(p) for p in rtx] + [_name(p) for p in chosen]
+        wanted = [provider_name(p) for p in rtx] + [provider_name(p) for p in chosen]
         try:
             kwargs = {"providers": chosen} if chosen else {}
             self.session = ort.InferenceSession(str(self.model_path), opts, **kwargs)
