@@ -39,10 +39,19 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory, smollm2_reference):
-    """The bundled model exported once per session (default config: echo, mean, dynamo)."""
+    """The bundled model exported once per session (default config: echo, mean, dynamo, fused)."""
     from echoembed.exporter import export
 
     return export(smollm2_reference.loaded, tmp_path_factory.mktemp("smollm2") / "artifact")
+
+
+@pytest.fixture(scope="session")
+def smollm2_unfused_artifact(tmp_path_factory, smollm2_reference):
+    """The bundled model exported without the fused stage (the graph TensorRT imports)."""
+    from echoembed.exporter import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("smollm2-unfused") / "artifact"
+    return export(smollm2_reference.loaded, out, ExportConfig(fuse=False))
 
 
 @pytest.fixture(scope="session")

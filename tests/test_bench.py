@@ -26,8 +26,8 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
     )
     result = run_bench(config)
     rows = {r.variant: r for r in result.report.rows}
-    assert list(rows) == ["pytorch fp32", "pytorch bf16", "echoembed fp32"]
-    ref, onnx = rows["pytorch fp32"], rows["echoembed fp32"]
+    assert list(rows) == ["pytorch fp32", "pytorch bf16", "echoembed fp32 unfused"]  # head size 8
+    ref, onnx = rows["pytorch fp32"], rows["echoembed fp32 unfused"]
     assert ref.vs_reference == 1.0 and ref.mean_cosine == pytest.approx(1.0)
     assert onnx.min_cosine > 0.9999
     assert onnx.sts_spearman == pytest.approx(ref.sts_spearman, abs=0.5)
@@ -43,7 +43,7 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
         "onnxruntime",
     }  # fmt: skip
     assert data["machine"]["cpu_count"] == result.report.machine.cpu_count
-    assert "| echoembed fp32 |" in (run / "bench.md").read_text()
+    assert "| echoembed fp32 unfused |" in (run / "bench.md").read_text()
     assert data["max_batch_tokens"] == 256 and 0.0 <= data["padding_fraction"] < 1.0
     assert "at most 256 padded tokens each" in (run / "bench.md").read_text()
     assert (run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

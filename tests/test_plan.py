@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from echoembed.artifact import FORMAT_VERSION, Manifest
+from echoembed.artifact import FORMAT_VERSION, FusionInfo, Manifest
 from echoembed.echo import (
     PRESETS,
     EchoEncoder,
@@ -150,13 +150,21 @@ def _plans(smollm2_tokenizer) -> tuple[PromptPlan, ...]:
     return template_plans(tok, special, [p.template() for p in PRESETS.values()], None, 8192)
 
 
-def test_format3_round_trips_plans(smollm2_tokenizer):
-    assert FORMAT_VERSION == 3
-    m = dataclasses.replace(Manifest.from_dict(_format1()), prompt_plans=_plans(smollm2_tokenizer))
+def test_format4_round_trips_plans_and_fusion(smollm2_tokenizer):
+    assert FORMAT_VERSION == 4
+    fusion = FusionInfo(True, True, "", "onnxscript", {"GroupQueryAttention": 30}, 2186, 426,
+                        6e-7, True)  # fmt: skip
+    m = dataclasses.replace(
+        Manifest.from_dict(_format1()), prompt_plans=_plans(smollm2_tokenizer), fusion=fusion
+    )
     data = json.loads(m.to_json())
-    assert data["format_version"] == 3 and len(data["prompt_plans"]) == 4
+    assert data["format_version"] == 4 and len(data["prompt_plans"]) == 4
+    assert data["fusion"]["ops"] == {"GroupQueryAttention": 30}
     again = Manifest.from_dict(data)
-    assert again == dataclasses.replace(m, format_version=3)
+    assert again == dataclasses.replace(m, format_version=4)
+    three = Manifest.from_dict(dict({k: v for k, v in data.items() if k != "fusion"},
+                                    format_version=3))  # fmt: skip
+    assert three.format_version == 3 and three.fusion is None  # written before the fused stage
     assert again.plan("query") == m.prompt_plans[2] and again.plan("nope") is None
     assert isinstance(again.plan("echo").pieces[0].ids, tuple)
 

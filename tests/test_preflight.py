@@ -169,10 +169,22 @@ def test_preflight_runs_without_torch(built):
     assert len(here.problems) > LINEAR  # every MatMulInteger and DynamicQuantizeLinear
 
 
-def test_the_real_model_passes(smollm2_artifact):
-    report = preflight(PreflightConfig(smollm2_artifact.path))
+def test_the_real_model_passes(smollm2_unfused_artifact):
+    report = preflight(PreflightConfig(smollm2_unfused_artifact.path))
     assert report.passed, format_report(report)
     assert report.op_counts["MatMul"] >= 30 * 7 and report.op_counts["GatherND"] == 1
+
+
+def test_the_fused_real_model_fails_naming_no_fuse(smollm2_artifact):
+    """The default export is fused for ONNX Runtime; TensorRT has no importer for those ops."""
+    report = preflight(PreflightConfig(smollm2_artifact.path))
+    assert not report.passed
+    ops = {p.op for p in report.problems}
+    assert {
+        "com.microsoft:GroupQueryAttention",
+        "com.microsoft:SkipSimplifiedLayerNormalization",
+    } <= ops
+    assert all("--no-fuse" in p.fix for p in report.problems), format_report(report)
 
 
 # hand-made graphs ---------------------------------------------------------------------------

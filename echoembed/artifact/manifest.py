@@ -30,8 +30,8 @@ from echoembed.echo.plan import PromptPlan
 from echoembed.echo.template import Template
 from echoembed.errors import ArtifactError
 
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 MODEL_FILE = "model.onnx"
@@ -107,6 +107,24 @@ class QuantizationInfo:
 
 
 @dataclass(frozen=True)
+class FusionInfo:
+    """The fused export stage (``exporter.fusion``): whether ORT's fused kernels are in the graph,
+    and if not, why."""
+
+    requested: bool
+    applied: bool
+    reason: str  # why it was not applied ("" when it was)
+    tool: str  # e.g. "onnxscript 0.7.2 optimize_for_ort"
+    ops: dict[str, int] = field(default_factory=dict)  # fused contrib op -> count in the graph
+    nodes_before: int = 0
+    nodes_after: int = 0
+    max_abs_diff: float | None = None  # fused vs unfused graph, normalized embeddings
+    # GroupQueryAttention takes each row's length from attention_mask: exact for right-padded
+    # batches (every echoembed encoder pads on the right), not for left padding
+    requires_right_padding: bool = False
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a runner needs to use an artifact, and where it came from."""
 
@@ -136,6 +154,7 @@ class Manifest:
     requested_opset: int | None = None  # what the export asked for (the graph may import newer)
     prompt_plans: tuple[PromptPlan, ...] = ()  # one per template this tokenizer can encode
     engine: EngineInfo | None = None  # engine artifacts only: the TensorRT plan's contract
+    fusion: FusionInfo | None = None  # format 4: the fused export stage (None: not recorded)
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
@@ -209,6 +228,8 @@ class Manifest:
             d["prompt_plans"] = tuple(PromptPlan.from_dict(p) for p in d["prompt_plans"])
             if d.get("engine") is not None:
                 d["engine"] = EngineInfo.from_dict(d["engine"])
+            if d.get("fusion") is not None:
+                d["fusion"] = FusionInfo(**d["fusion"])
             return cls(**d)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
@@ -325,6 +346,18 @@ def describe(manifest: Manifest) -> str:
         ),
         "outputs          " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs),
     ]
+    if m.fusion is not None:
+        f = m.fusion
+        lines.append(
+            "fusion           "
+            + (
+                ", ".join(f"{k} x{v}" for k, v in f.ops.items())
+                + f" ({f.nodes_before} -> {f.nodes_after} nodes, max abs diff vs unfused "
+                f"{f.max_abs_diff:.1e}; {f.tool})"
+                if f.applied
+                else f"not applied: {f.reason}"
+            )
+        )
     if m.parity is not None:
         p = m.parity
         lines.append(

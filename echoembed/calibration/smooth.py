@@ -65,10 +65,15 @@ def smooth_mlp(model, amax: dict[str, np.ndarray], alpha: float) -> list[str]:
     return done
 
 
+# fused RMSNorm (exporter.fusion) -> the input index of its scale (gamma); output 0 is normalized
+_FUSED_NORM_SCALE = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+
+
 def norm_groups(model, linear: dict[str, LinearNode]) -> list[tuple[str, list[LinearNode]]]:
     """(norm weight initializer, linear layers) where the layers' shared input is
-    ``Mul(norm_weight, x)`` (RMSNorm/LayerNorm scale) and nothing else reads that input: q/k/v
-    after input_layernorm, gate/up after post_attention_layernorm."""
+    ``Mul(norm_weight, x)`` (RMSNorm/LayerNorm scale), or the output of a fused
+    (Skip)SimplifiedLayerNormalization, and nothing else reads that input: q/k/v after
+    input_layernorm, gate/up after post_attention_layernorm."""
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -82,9 +87,15 @@ def norm_groups(model, linear: dict[str, LinearNode]) -> list[tuple[str, list[Li
     groups = []
     for x, lns in by_input.items():
         mul = producers.get(x)
-        if mul is None or mul.op_type != "Mul":
+        if mul is None:
             continue
-        scale = [i for i in mul.input if i in inits and len(inits[i].dims) == 1]
+        if mul.op_type == "Mul":
+            scale = [i for i in mul.input if i in inits and len(inits[i].dims) == 1]
+        elif mul.op_type in _FUSED_NORM_SCALE and list(mul.output).index(x) == 0:
+            k = _FUSED_NORM_SCALE[mul.op_type]  # the fused graph's RMSNorm: its scale input
+            scale = [mul.input[k]] if len(mul.input) > k and mul.input[k] in inits else []
+        else:
+            continue
         if len(scale) != 1:
             continue
         if {n.name for n in consumers.get(x, [])} != {ln.name for ln in lns}:

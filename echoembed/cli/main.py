@@ -64,6 +64,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         parity=ParityConfig(tolerance=args.tolerance),
         force=args.force,
         threads=args.threads,
+        fuse=not args.no_fuse,
     )
     artifact = export(args.model, args.out, config, progress=_progress)
     print(describe(artifact.manifest))
@@ -356,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None, help="parity: max abs diff")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep the unfused graph (for TensorRT; by default ONNX Runtime's fused attention, "
+        "rotary and RMSNorm kernels go in where they apply)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

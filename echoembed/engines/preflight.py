@@ -37,6 +37,14 @@ _OP_FIXES = {
     "GatherBlockQuantized) has no TensorRT importer: use int4-qdq (the table stays float)",
     "QLinearMatMul": "QOperator INT8 has no TensorRT importer: quantize with int8-static (Q/DQ)",
 }
+_FUSED = (
+    "the fused export stage wrote ONNX Runtime's {op} (no TensorRT importer): re-export with "
+    "--no-fuse for TensorRT (ExportConfig(fuse=False)), then quantize/build from that artifact"
+)
+for _op in ("GroupQueryAttention", "MultiHeadAttention", "RotaryEmbedding",
+            "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+            "SkipLayerNormalization", "FusedMatMul"):  # fmt: skip
+    _OP_FIXES[_op] = _FUSED.format(op=_op)
 _OP_FIXES["MatMulInteger"] = _OP_FIXES["DynamicQuantizeLinear"]
 _OP_FIXES["QLinearConv"] = _OP_FIXES["ConvInteger"] = _OP_FIXES["QLinearMatMul"]
 _RULE_FIXES = {

@@ -27,6 +27,7 @@ from echoembed.artifact import (
     OUTPUT_NAME,
     TOKENIZER_NAME,
     Artifact,
+    FusionInfo,
     Manifest,
     SourceInfo,
     TemplateSpec,
@@ -77,6 +78,9 @@ class ExportConfig:
     parity: ParityConfig = field(default_factory=ParityConfig)
     force: bool = False  # replace an existing artifact at the target
     threads: int | None = None
+    # ORT's fused kernels (GroupQueryAttention with rotary, RMSNorm, skip-RMSNorm) where they
+    # apply to an fp32 graph; off for graphs meant for TensorRT, which has no such ops
+    fuse: bool = True
 
 
 def _check_config(config: ExportConfig) -> Template:
@@ -262,6 +266,63 @@ def _finalize_graph(path: Path, external: bool, batch_dim: str = "batch") -> dic
     return graph_opset_imports(model)
 
 
+def _graph_imports(path: Path) -> dict[str, int]:
+    onnx = require("onnx", "export")
+    return graph_opset_imports(onnx.load(str(path), load_external_data=False))
+
+
+def _num_layers(loaded: LoadedModel) -> int:
+    cfg = loaded.model.config
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not isinstance(n, int):
+        raise InternalError(f"cannot tell the layer count of {loaded.architecture}")
+    return n
+
+
+def _fuse(
+    loaded: LoadedModel,
+    config: ExportConfig,
+    encoder: EchoEncoder,
+    model_path: Path,
+    tolerance: float,
+    progress: Callable[[str], None],
+) -> FusionInfo:
+    """The fused stage where it applies (``exporter.fusion``), else the recorded reason."""
+    from echoembed.exporter.fusion import (
+        FusionSettings,
+        fuse_stage,
+        not_applied,
+        sliding_window_reason,
+    )
+
+    if not config.fuse:
+        return not_applied("not requested (--no-fuse)", requested=False)
+    reason = sliding_window_reason(loaded.model.config)
+    if config.dtype != "fp32":
+        reason = f"{config.dtype} graphs are not fused (they target GPUs and TensorRT)"
+    if reason is not None:
+        log.info("fusion not applied: %s", reason)
+        progress(f"not fused: {reason}")
+        return not_applied(reason)
+    progress("fusing attention, rotary and RMSNorm for ONNX Runtime ...")
+    settings = FusionSettings(
+        tolerance=tolerance,
+        batch_sizes=config.parity.batch_sizes,
+        texts=config.parity.texts,
+        threads=config.threads,
+    )
+    info = fuse_stage(model_path, encoder, _num_layers(loaded), settings)
+    if info.applied:
+        progress(
+            f"fused: {', '.join(f'{k} x{v}' for k, v in info.ops.items())} "
+            f"({info.nodes_before} -> {info.nodes_after} nodes, max abs diff vs unfused "
+            f"{info.max_abs_diff:.1e})"
+        )
+    else:
+        progress(f"not fused: {info.reason}")
+    return info
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -299,6 +360,7 @@ def _manifest(
     root: Path,
     imports: dict[str, int],
     parity,
+    fusion: FusionInfo,
 ) -> Manifest:
     """The manifest of the artifact being built in ``root`` (every file there is hashed)."""
     default_name, templates = _templates(template)
@@ -328,6 +390,7 @@ def _manifest(
         files=hash_files(root),
         versions=_versions(),
         parity=parity,
+        fusion=fusion,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -366,15 +429,18 @@ def export(
         _trace(loaded, config, encoder, model_path)
         imports = _finalize_graph(model_path, external=bool(config.external_data))
         loaded.tokenizer.save(str(stage.path / TOKENIZER_NAME))
-        progress("checking parity against the PyTorch reference ...")
         tolerance = config.parity.tolerance
         if tolerance is None:
             tolerance = arch.parity_tolerance if config.dtype == "fp32" else FP16_TOLERANCE
+        fusion = _fuse(loaded, config, encoder, model_path, tolerance, progress)
+        if fusion.applied:
+            imports = _graph_imports(model_path)
+        progress("checking parity against the PyTorch reference ...")
         parity = check_parity(
             loaded, encoder, model_path, config.parity,
             pooling=config.pooling, tolerance=tolerance, threads=config.threads,
         )  # fmt: skip
-        manifest = _manifest(loaded, config, template, stage.path, imports, parity)
+        manifest = _manifest(loaded, config, template, stage.path, imports, parity, fusion)
         atomic_write(stage.path / MANIFEST_NAME, manifest.to_json())
     progress(f"wrote {out}")
     return Artifact(out, manifest)
@@ -410,6 +476,8 @@ def export_or_reuse(
                 and m.templates == templates
                 and m.default_template == default_name
                 and m.prompt_plans == _plans(loaded, config, templates)
+                and m.fusion is not None
+                and m.fusion.requested == config.fuse
             )
             if same:
                 progress(f"reusing {out} (checksums verified)")

@@ -163,7 +163,9 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
     seen: set[str] = set()
     for path in config.artifacts:
         emb = Embedder.load(path, providers=config.providers, threads=config.threads)
-        name = f"echoembed {emb.manifest.precision}"
+        fusion = emb.manifest.fusion
+        fused = "" if fusion is None else (" fused" if fusion.applied else " unfused")
+        name = f"echoembed {emb.manifest.precision}{fused}"
         if name in seen:
             name = f"{name} ({Path(path).name})"
         seen.add(name)

@@ -31,7 +31,7 @@
 
 namespace {
 
-constexpr int kNewestFormat = 3;
+constexpr int kNewestFormat = 4;  // 4 added the fusion record (nothing for this program to do)
 // onnxruntime-extensions wants a tokenizer_config.json beside tokenizer.json; tokenizer.json
 // holds the whole pipeline, so the generic fast-tokenizer class is all it needs.
 constexpr const char* kTokenizerConfig = R"({"tokenizer_class": "PreTrainedTokenizerFast"})";

@@ -1,0 +1,182 @@
+"""The fused export stage (``echoembed.exporter.fusion``): where it applies the graph carries ORT's
+fused kernels and embeds as the unfused graph and the reference do; where it does not, the export
+falls back to the unfused graph and records why."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from echoembed.artifact import read_manifest
+from echoembed.calibration import (
+    CalibrationConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    QuantizeOptions,
+    quantize,
+)
+from echoembed.exporter import ExportConfig, export, export_or_reuse
+from echoembed.exporter.architectures import ARCHITECTURES
+from echoembed.runtime import Embedder
+from echoembed.validation.sts import read_sts
+from tests.helpers import STSB_TEST
+from tests.tiny_models import TINY_CONFIGS
+
+SMALL = QuantizeOptions(calibration=CalibrationConfig(samples=12, batch_size=4))
+
+# What the stage does on each registered architecture, with tiny models of head size 16 (ORT's
+# CPU attention kernels need a multiple of 16): fused, or the start of the recorded reason.
+EXPECTED = {
+    "llama": True,
+    "qwen2": True,
+    "qwen3": True,
+    "mistral": "sliding-window attention",
+    "gemma2": "sliding-window attention",
+    "gemma3_text": "sliding-window attention",
+    "phi3": "ONNX Runtime fails on the fused graph",
+    "gpt2": "ONNX Runtime does not load the fused graph",
+}
+
+
+def _ops(path) -> collections.Counter:
+    model = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def _sts_sentences(n: int) -> list[str]:
+    return read_sts(STSB_TEST).unique_sentences()[:n]
+
+
+def _tiny16(model_type: str, out, hf_tokenizer):
+    """A tiny random model of ``model_type`` with head size 16 (4 heads, hidden 64)."""
+    import torch
+    from transformers import AutoModel
+
+    config = TINY_CONFIGS[model_type]()
+    if model_type == "gpt2":
+        config.n_embd = 64
+    else:
+        config.hidden_size = 64
+        if getattr(config, "head_dim", None) is not None:
+            config.head_dim = 16
+        if hasattr(config, "query_pre_attn_scalar"):
+            config.query_pre_attn_scalar = 16
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(out)
+    hf_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("tiny16")
+    return {mt: _tiny16(mt, root / mt, smollm2_tokenizer[2]) for mt in EXPECTED}
+
+
+@pytest.fixture(scope="module")
+def fused_llama(tiny16, tmp_path_factory):
+    return export(tiny16["llama"], tmp_path_factory.mktemp("fused-llama") / "a")
+
+
+def test_every_architecture_has_an_expected_outcome():
+    assert set(EXPECTED) == set(ARCHITECTURES) == set(TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("model_type", list(EXPECTED))
+def test_stage_on_every_architecture(model_type, tiny16, tmp_path):
+    """Fused where expected (and then equal to the unfused export of the same weights on padded
+    batches of real sentences; mean pooling, and last for Llama); otherwise unfused with the
+    reason."""
+    texts = _sts_sentences(24)
+    for pooling in ("mean", "last") if model_type == "llama" else ("mean",):
+        art = export(tiny16[model_type], tmp_path / pooling, ExportConfig(pooling=pooling))
+        f = art.manifest.fusion
+        ops = _ops(art.model_path)
+        assert f is not None and f.requested
+        if EXPECTED[model_type] is True:
+            assert f.applied and f.reason == "" and f.requires_right_padding
+            assert f.ops["GroupQueryAttention"] == ops["GroupQueryAttention"] == 2
+            assert f.ops["SkipSimplifiedLayerNormalization"] == 4
+            assert f.nodes_after < f.nodes_before and f.max_abs_diff < 1e-4
+            plain = export(
+                tiny16[model_type], tmp_path / f"{pooling}-plain",
+                ExportConfig(pooling=pooling, fuse=False),
+            )  # fmt: skip
+            assert "GroupQueryAttention" not in _ops(plain.model_path)
+            assert not plain.manifest.fusion.requested and not plain.manifest.fusion.applied
+            got = Embedder.load(art.path).encode(texts, batch_size=8)
+            want = Embedder.load(plain.path).encode(texts, batch_size=8)
+            assert float((got * want).sum(axis=1).min()) >= 0.99999
+        else:
+            assert not f.applied and f.reason.startswith(EXPECTED[model_type]), f.reason
+            assert not f.ops and "GroupQueryAttention" not in ops
+            assert art.manifest.parity.passed  # the unfused graph is what was checked and kept
+
+
+def test_head_size_the_kernels_refuse_falls_back(tiny_artifact):
+    """The shared tiny Llama has head size 8: ORT's CPU GroupQueryAttention refuses it."""
+    f = tiny_artifact.manifest.fusion
+    assert not f.applied and "head size [8] is not a multiple of 16" in f.reason
+    assert "GroupQueryAttention" not in _ops(tiny_artifact.model_path)
+
+
+def test_fp16_is_not_fused(tiny16, tmp_path):
+    art = export(tiny16["llama"], tmp_path / "h", ExportConfig(dtype="fp16"))
+    assert not art.manifest.fusion.applied and "fp16" in art.manifest.fusion.reason
+
+
+def test_fusion_record_round_trips_and_reuse_follows_the_flag(fused_llama, tiny16, tmp_path):
+    m = read_manifest(fused_llama.path)
+    assert m.format_version == 4 and m.fusion == fused_llama.manifest.fusion
+    from echoembed.reference.sources import load_model, resolve_source
+
+    loaded = load_model(resolve_source(str(tiny16["llama"])))
+    target = tmp_path / "r"
+    first, reused = export_or_reuse(loaded, target)
+    assert not reused and first.manifest.fusion.applied
+    _, reused = export_or_reuse(loaded, target)
+    assert reused
+    again, reused = export_or_reuse(loaded, target, ExportConfig(fuse=False))
+    assert not reused and not again.manifest.fusion.applied
+
+
+@pytest.mark.parametrize(
+    "config", [Int8DynamicConfig(), Int8StaticConfig(), Int4WeightOnlyConfig(algorithm="rtn")]
+)
+def test_quantizers_work_on_the_fused_graph(fused_llama, config, tmp_path):
+    """The quantized graph keeps the fused kernels, and SmoothQuant finds the fused RMSNorm
+    groups (q/k/v after input_layernorm, gate/up after post_attention_layernorm)."""
+    art = quantize(fused_llama.path, tmp_path / config.recipe, config, SMALL)
+    q = art.manifest.quantization
+    ops = _ops(art.model_path)
+    assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
+    if config.recipe.startswith("int8"):
+        groups = [s for s in q.smoothed if "+" in s]
+        assert len(groups) == 4, q.smoothed  # 2 norm-fed groups per layer
+    texts = _sts_sentences(16)
+    got = Embedder.load(art.path).encode(texts)
+    want = Embedder.load(fused_llama.path).encode(texts)
+    assert np.isfinite(got).all() and float((got * want).sum(axis=1).mean()) > 0.9
+
+
+def test_real_model_is_fused_and_exact(
+    smollm2_artifact, smollm2_unfused_artifact, smollm2_reference
+):
+    """SmolLM2: GroupQueryAttention in all 30 layers, RMSNorm fused; on 96 STS-B test sentences
+    in padded batches of 16 the fused graph equals the unfused one and the PyTorch reference."""
+    f = smollm2_artifact.manifest.fusion
+    assert f.applied and f.ops["GroupQueryAttention"] == 30
+    assert f.ops["SkipSimplifiedLayerNormalization"] == 60
+    assert f.nodes_before > 2000 and f.nodes_after < 500  # measured: 2,186 -> 426
+    ops = _ops(smollm2_artifact.model_path)
+    assert ops["GroupQueryAttention"] == 30 and "Softmax" not in ops
+    texts = _sts_sentences(96)
+    fused = Embedder.load(smollm2_artifact.path).encode(texts, batch_size=16)
+    plain = Embedder.load(smollm2_unfused_artifact.path).encode(texts, batch_size=16)
+    ref = smollm2_reference.encode(texts, "echo", batch_size=16)
+    assert float((fused * plain).sum(axis=1).min()) >= 0.99999
+    assert float((fused * ref).sum(axis=1).min()) >= 0.99999
