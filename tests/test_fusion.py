@@ -180,3 +180,13 @@ def test_real_model_is_fused_and_exact(
     ref = smollm2_reference.encode(texts, "echo", batch_size=16)
     assert float((fused * plain).sum(axis=1).min()) >= 0.99999
     assert float((fused * ref).sum(axis=1).min()) >= 0.99999
+
+
+def test_a_fused_graph_on_a_gpu_provider_is_warned_about(fused_llama, tiny_artifact):
+    from echoembed.runtime.embedder import fused_on_gpu_warning
+
+    m = fused_llama.manifest
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert "--no-fuse" in fused_on_gpu_warning(m, cuda)
+    assert fused_on_gpu_warning(m, ["CPUExecutionProvider"]) is None
+    assert fused_on_gpu_warning(tiny_artifact.manifest, cuda) is None  # not fused

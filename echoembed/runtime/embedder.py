@@ -64,6 +64,28 @@ def _check_integer_kernels(root: Path, manifest: Manifest, active: Sequence[str]
         )
 
 
+GPU_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "NvTensorRTRTXExecutionProvider",
+)
+
+
+def fused_on_gpu_warning(manifest: Manifest, active: Sequence[str]) -> str | None:
+    """Why a fused fp32 graph runs poorly on the active GPU provider, or None: ORT's fp32
+    GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and TensorRT no importer, so those
+    nodes run on the CPU between GPU partitions."""
+    f = manifest.fusion
+    gpu = [p for p in active if p in GPU_PROVIDERS]
+    if f is None or not f.applied or not gpu:
+        return None
+    return (
+        f"{manifest.architecture} artifact was exported with the fused stage for ONNX Runtime "
+        f"on CPU ({', '.join(f.ops)}): on {gpu[0]} its fp32 attention nodes run on the CPU. "
+        "For GPUs re-export with `echoembed export ... --no-fuse` (or --dtype fp16)"
+    )
+
+
 class Embedder:
     """Echo embeddings from an exported artifact; safe to call from several threads."""
 
@@ -121,6 +143,9 @@ class Embedder:
             allow_fallback=allow_fallback,
         )
         _check_integer_kernels(root, manifest, runner.providers)
+        warning = fused_on_gpu_warning(manifest, runner.providers)
+        if warning is not None:
+            log.warning(warning)
         return cls(root, manifest, tokenizer, runner)
 
     @property
