@@ -101,6 +101,31 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     assert emb.shape == (2, 32)
 
 
+def test_int8_dynamic_uint8_weights(tiny_artifact, tmp_path):
+    """u8 x u8: uint8 weights with zero points, never saturating, so no 7-bit weights and no
+    integer-kernel refusal on any CPU."""
+    import onnx
+    from onnx import numpy_helper
+
+    from echoembed.runtime.cpu import runs_u8s8
+
+    art = quantize(tiny_artifact.path, tmp_path / "u8", Int8DynamicConfig(weights="uint8"), SMALL)
+    q = read_manifest(art.path).quantization
+    assert q.settings.weights == "uint8" and q.settings.reduce_range is False
+    assert not runs_u8s8(q.settings) and runs_u8s8(Int8DynamicConfig())
+    model = onnx.load(str(art.path / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    mm = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert len(mm) == 14
+    for n in mm:
+        w = numpy_helper.to_array(inits[n.input[1]])
+        assert w.dtype == np.uint8 and w.max() > 128  # the full 8-bit range
+        assert numpy_helper.to_array(inits[n.input[3]]).dtype == np.uint8  # weight zero points
+    assert q.mean_cosine > 0.9
+    with pytest.raises(UserError, match="weights must be"):
+        Int8DynamicConfig(weights="int4")
+
+
 @pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
 def test_int4_structure(tiny_artifact, tmp_path, algorithm):
     art = quantize(

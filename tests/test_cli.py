@@ -163,6 +163,9 @@ def test_quantize_cli(tiny_artifact, tmp_path, capsys):
     rc = main(base[:2] + [str(tmp_path / "w8"), *base[2:], "--recipe", "int8-dynamic",
                           "--no-reduce-range"])  # fmt: skip
     assert rc == 0 and read_manifest(tmp_path / "w8").quantization.settings.reduce_range is False
+    rc = main(base[:2] + [str(tmp_path / "y"), *base[2:], "--recipe", "int4-rtn", "--weights",
+                          "uint8"])  # fmt: skip
+    assert rc == 2 and "has no setting 'weights'" in capsys.readouterr().err
 
 
 def test_validate_distractors_flag_reaches_the_config(monkeypatch, tmp_path, capsys):

@@ -24,18 +24,24 @@ class Int8DynamicConfig:
     ``reduce_range``: 7-bit weights (|q| <= 64), which ONNX Runtime's u8 x s8 kernels need on
     x86-64 CPUs without VNNI, where 8-bit weights saturate (``echoembed.runtime.cpu``); None
     decides from the CPU that quantizes (see ``resolve_recipe``).
+    ``weights``: ``int8`` (symmetric, the u8 x s8 kernels) or ``uint8`` (asymmetric with a zero
+    point: ONNX Runtime's u8 x u8 kernels, which widen to 16 bits before multiplying and never
+    saturate, so they need no 7-bit weights on any CPU).
     """
 
     per_channel: bool = True
     smooth_alpha: float | None = 0.7
     exclude: tuple[str, ...] = ()
     reduce_range: bool | None = None
+    weights: Literal["int8", "uint8"] = "int8"
 
     recipe = "int8-dynamic"
 
     def __post_init__(self) -> None:
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise UserError(f"smooth_alpha must be in (0, 1) or None, got {self.smooth_alpha}")
+        if self.weights not in ("int8", "uint8"):
+            raise UserError(f"weights must be 'int8' or 'uint8', got {self.weights!r}")
 
 
 @dataclass(frozen=True)

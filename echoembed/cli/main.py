@@ -90,6 +90,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         per_channel=False if args.per_tensor else None,
         activations=args.activations,
         reduce_range=args.reduce_range,
+        weights=args.weights,
     )
     if args.no_smooth:
         if not hasattr(config, "smooth_alpha"):
@@ -430,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="INT8 7-bit weights, exact on CPUs without VNNI (default: decided from this CPU)",
     )
+    p.add_argument(
+        "--weights", choices=["int8", "uint8"], default=None,
+        help="int8-dynamic weights: int8 (u8 x s8 kernels, default) or uint8 with a zero point "
+        "(u8 x u8 kernels: never saturate, no 7-bit weights needed)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.set_defaults(func=cmd_quantize)
 

@@ -51,11 +51,11 @@ def cpu_flags() -> frozenset[str] | None:
 
 def runs_u8s8(settings: RecipeConfig) -> bool:
     """Whether an artifact quantized with ``settings`` runs the u8 x s8 integer GEMM on ONNX
-    Runtime's CPU provider: INT8 dynamic always, INT8 static with uint8 activations (int8 Q/DQ
-    runs in float)."""
+    Runtime's CPU provider: INT8 dynamic with int8 weights (uint8 weights run u8 x u8), INT8
+    static with uint8 activations (int8 Q/DQ runs in float)."""
     if isinstance(settings, Int8StaticConfig):
         return settings.activations == "uint8"
-    return isinstance(settings, Int8DynamicConfig)
+    return isinstance(settings, Int8DynamicConfig) and settings.weights == "int8"
 
 
 @functools.lru_cache(maxsize=1)
