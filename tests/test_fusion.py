@@ -190,3 +190,15 @@ def test_a_fused_graph_on_a_gpu_provider_is_warned_about(fused_llama, tiny_artif
     assert "--no-fuse" in fused_on_gpu_warning(m, cuda)
     assert fused_on_gpu_warning(m, ["CPUExecutionProvider"]) is None
     assert fused_on_gpu_warning(tiny_artifact.manifest, cuda) is None  # not fused
+
+
+def test_fused_graph_with_external_data(tiny16, fused_llama, tmp_path):
+    """Weights in model.onnx.data stay there through the stage, checksummed and loadable."""
+    art = export(tiny16["llama"], tmp_path / "x", ExportConfig(external_data=True))
+    assert art.manifest.fusion.applied
+    assert set(art.manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert not (art.path / ".fusion").exists()
+    texts = _sts_sentences(8)
+    got = Embedder.load(art.path).encode(texts)
+    want = Embedder.load(fused_llama.path).encode(texts)
+    assert float((got * want).sum(axis=1).min()) >= 0.99999

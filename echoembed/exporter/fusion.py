@@ -16,7 +16,8 @@ make its rules match and keep the result exact for echo batches:
    ``Mul``, so that the INT8 and 4-bit recipes do not quantize it as a linear layer.
 
 The stage is checked on its own (the fused graph against the unfused one in ONNX Runtime, on the
-parity texts at several batch sizes) before the export's parity check against the reference.
+parity texts at several batch sizes; ``onnx.checker`` cannot check it, since it does not know
+ORT's default-domain ``SimplifiedLayerNormalization``) before the export's parity check against the reference.
 Where it does not apply (fp16 graphs, sliding-window attention, no attention fused, a head size
 ORT's CPU kernel refuses, a parity failure) the unfused graph is kept, and the reason is logged
 and recorded.
