@@ -17,7 +17,8 @@ make its rules match and keep the result exact for echo batches:
 
 The stage is checked on its own (the fused graph against the unfused one in ONNX Runtime, on the
 parity texts at several batch sizes; ``onnx.checker`` cannot check it, since it does not know
-ORT's default-domain ``SimplifiedLayerNormalization``) before the export's parity check against the reference.
+ORT's default-domain ``SimplifiedLayerNormalization``) before the export's parity check against
+the reference.
 Where it does not apply (fp16 graphs, sliding-window attention, no attention fused, a head size
 ORT's CPU kernel refuses, a parity failure) the unfused graph is kept, and the reason is logged
 and recorded.
