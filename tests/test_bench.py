@@ -48,6 +48,33 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
     assert "at most 256 padded tokens each" in (run / "bench.md").read_text()
     assert (run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*tmp*"))
+    # roofline: the tiny Llama's weight GEMMs (validation.roofline) at the measured rate
+    peaks = data["peaks"]
+    assert peaks["fp32"] > 0 and peaks["u8s8"] > 0
+    assert onnx.gflop_per_text > 0 and ref.gflop_per_text is None
+    assert onnx.achieved_gops == pytest.approx(onnx.gflop_per_text * onnx.texts_per_s)
+    assert onnx.peak_fraction == pytest.approx(onnx.achieved_gops / peaks["fp32"])
+    assert "| echoembed fp32 unfused | " in (run / "bench.md").read_text().split("roofline")[1]
+
+
+def test_graph_flops_counts_every_weight_gemm(tiny_artifact, tmp_path):
+    """Tiny Llama (hidden 32, 4 heads of 8, 2 kv heads, MLP 64, 2 layers): 2*K*N per token over
+    q 32x32, k 32x16, v 32x16, o 32x32, gate/up 32x64, down 64x32; the same after INT8."""
+    from echoembed.calibration import (
+        CalibrationConfig,
+        Int8DynamicConfig,
+        QuantizeOptions,
+        quantize,
+    )
+    from echoembed.validation.roofline import graph_flops
+
+    want = 2 * 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 2 * 32 * 64 + 64 * 32)
+    f = graph_flops(tiny_artifact.model_path)
+    assert f.per_token == want and not f.integer
+    opts = QuantizeOptions(calibration=CalibrationConfig(samples=8, batch_size=4))
+    q = quantize(tiny_artifact.path, tmp_path / "q", Int8DynamicConfig(), opts)
+    f8 = graph_flops(q.model_path)
+    assert f8.per_token == want and f8.integer
 
 
 def test_bench_refuses_missing_artifacts_and_bad_peer(tmp_path):

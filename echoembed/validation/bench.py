@@ -25,6 +25,7 @@ import numpy as np
 from echoembed.artifact.writer import atomic_write
 from echoembed.errors import InputError, MissingDependencyError
 from echoembed.validation.report import MachineInfo, machine_info
+from echoembed.validation.roofline import Peaks, measure_peaks
 from echoembed.validation.sts import read_sts, sts_spearman
 from echoembed.validation.timing import compare_throughput
 from echoembed.validation.validate import new_run_dir
@@ -58,6 +59,7 @@ class BenchConfig:
     providers: tuple[str, ...] | None = None
     runs_dir: Path = Path("runs")
     plot: bool = True
+    peaks: bool = True  # measure the matmul peaks for the ONNX rows' roofline figures
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class BenchRow:
     texts_per_s: float
     vs_reference: float  # throughput ratio to PyTorch fp32
     size_vs_fp32: float | None = None  # ONNX file size relative to the fp32 artifact
+    # ONNX artifacts: weight-GEMM GFLOP per text as executed (padding included), the rate that
+    # makes at the measured throughput, and its fraction of this CPU's probe peak for the
+    # kernel kind (fp32 or u8 x s8); see validation.roofline
+    gflop_per_text: float | None = None
+    achieved_gops: float | None = None
+    peak_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class BenchReport:
     schema: int = BENCH_SCHEMA
     max_batch_tokens: int | None = None
     padding_fraction: float | None = None  # of the artifacts' batches on the throughput texts
+    peaks: dict[str, float] | None = None  # probe peaks, G(FL)OP/s: fp32, u8s8
 
     def to_json(self) -> str:
         import json
@@ -112,6 +121,8 @@ class _Variant:
     embed: Callable[[Sequence[str]], np.ndarray]
     time: Callable[[Sequence[str]], object]
     file_bytes: int | None = None
+    flops_per_token: float | None = None  # ONNX artifacts: weight-GEMM FLOPs per token
+    integer: bool = False  # those GEMMs run u8 x s8 kernels
 
 
 def _model_bytes(root: Path, model_file: str) -> int:
@@ -158,6 +169,8 @@ def _reference_variants(config: BenchConfig, skipped: dict[str, str], say: Progr
 
 def _artifact_variants(config: BenchConfig) -> list[_Variant]:
     from echoembed.runtime import Embedder
+    from echoembed.runtime.cpu import runs_u8s8
+    from echoembed.validation.roofline import graph_flops
 
     out = []
     seen: set[str] = set()
@@ -175,10 +188,18 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
                 texts, batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens
             )
 
+        flops = graph_flops(Path(path) / emb.manifest.model_file)
+        q = emb.manifest.quantization
         out.append(
             _Variant(
-                name, "onnx", emb.manifest.precision, run, run,
+                name,
+                "onnx",
+                emb.manifest.precision,
+                run,
+                run,
                 _model_bytes(Path(path), emb.manifest.model_file),
+                flops.per_token,
+                flops.integer or (q is not None and runs_u8s8(q.settings)),
             )  # fmt: skip
         )
     return out
@@ -237,11 +258,28 @@ def _embed_and_time(config: BenchConfig, sentences: list[str], skipped: dict[str
     return variants, embedded, speed
 
 
+def _roofline(v: _Variant, tps: float, tokens_per_text: float | None, peaks: Peaks | None):
+    """(GFLOP per text, achieved G(FL)OP/s, fraction of the peak) of an ONNX variant."""
+    if v.flops_per_token is None or tokens_per_text is None:
+        return None, None, None
+    gflop = v.flops_per_token * tokens_per_text / 1e9
+    rate = gflop * tps
+    peak = None if peaks is None else (peaks.u8s8_gops if v.integer else peaks.fp32_gflops)
+    return gflop, rate, (rate / peak if peak else None)
+
+
 def _rows(
-    variants: list[_Variant], embedded: dict[str, np.ndarray], speed, data, sentences: list[str]
+    variants: list[_Variant],
+    embedded: dict[str, np.ndarray],
+    speed,
+    data,
+    sentences: list[str],
+    tokens_per_text: float | None = None,
+    peaks: Peaks | None = None,
 ) -> list[BenchRow]:
     """One row per variant: cosine to PyTorch fp32, STS Spearman, throughput and size ratios
-    (``sentences``: ``data``'s unique sentences, the rows of ``embedded``)."""
+    (``sentences``: ``data``'s unique sentences, the rows of ``embedded``); ONNX rows also the
+    roofline figures (``tokens_per_text``: executed, padding included, on the throughput texts)."""
     index = {s: i for i, s in enumerate(sentences)}
     want = embedded["pytorch fp32"]
     base = speed["pytorch fp32"].texts_per_second
@@ -258,17 +296,26 @@ def _rows(
         tps = speed[v.name].texts_per_second
         rows.append(
             BenchRow(
-                v.name, v.kind, v.precision, v.file_bytes, float(cos.mean()), float(cos.min()),
-                rho, tps, tps / base,
+                v.name,
+                v.kind,
+                v.precision,
+                v.file_bytes,
+                float(cos.mean()),
+                float(cos.min()),
+                rho,
+                tps,
+                tps / base,
                 None if (v.file_bytes is None or not fp32_bytes) else v.file_bytes / fp32_bytes,
+                *_roofline(v, tps, tokens_per_text, peaks),
             )  # fmt: skip
         )
     return rows
 
 
-def artifact_padding(config: BenchConfig, texts: list[str]) -> float | None:
-    """The padding share of the artifacts' batches (first artifact's tokenizer and default
-    template) on ``texts``, with the bench's ``batch_size`` and ``max_batch_tokens``."""
+def artifact_batches(config: BenchConfig, texts: list[str]) -> tuple[float, float] | None:
+    """(padding share, executed tokens per text) of the artifacts' batches (first artifact's
+    tokenizer and default template) on ``texts``, with the bench's ``batch_size`` and
+    ``max_batch_tokens``."""
     from echoembed.echo import padding_fraction, plan_batches
     from echoembed.runtime import Embedder
 
@@ -276,9 +323,15 @@ def artifact_padding(config: BenchConfig, texts: list[str]) -> float | None:
         return None
     enc = Embedder.load(config.artifacts[0], session=False).encoder()
     lengths = [len(r.ids) for r in enc.encode_ids(texts)]
-    return padding_fraction(
-        lengths, plan_batches(lengths, config.batch_size, config.max_batch_tokens)
-    )
+    batches = plan_batches(lengths, config.batch_size, config.max_batch_tokens)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return padding_fraction(lengths, batches), padded / len(texts)
+
+
+def artifact_padding(config: BenchConfig, texts: list[str]) -> float | None:
+    """The padding share of the artifacts' batches on ``texts`` (see ``artifact_batches``)."""
+    found = artifact_batches(config, texts)
+    return None if found is None else found[0]
 
 
 def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
@@ -297,6 +350,11 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
     sentences = data.unique_sentences()
     skipped: dict[str, str] = {}
     variants, embedded, speed = _embed_and_time(config, sentences, skipped, say)
+    batches = artifact_batches(config, sentences[: config.speed_texts])
+    peaks = None
+    if config.peaks and config.artifacts:
+        say("measuring this CPU's matmul peaks (fp32, u8 x s8) with ONNX Runtime")
+        peaks = measure_peaks(config.threads)
     report = BenchReport(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(),
@@ -306,10 +364,21 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         speed_texts=min(config.speed_texts, len(sentences)),
         batch_size=config.batch_size,
         repeats=config.repeats,
-        rows=tuple(_rows(variants, embedded, speed, data, sentences)),
+        rows=tuple(
+            _rows(
+                variants,
+                embedded,
+                speed,
+                data,
+                sentences,
+                None if batches is None else batches[1],
+                peaks,
+            )  # fmt: skip
+        ),
         skipped=skipped,
         max_batch_tokens=config.max_batch_tokens,
-        padding_fraction=artifact_padding(config, sentences[: config.speed_texts]),
+        padding_fraction=None if batches is None else batches[0],
+        peaks=None if peaks is None else {"fp32": peaks.fp32_gflops, "u8s8": peaks.u8s8_gops},
     )
     run_dir = new_run_dir(Path(config.runs_dir), "bench", Path(config.model).name)
     atomic_write(run_dir / "bench.json", report.to_json())
@@ -337,6 +406,21 @@ def format_bench(report: BenchReport) -> str:
             f"| {r.variant} | {mb} | {rel} | {r.mean_cosine:.5f} | {r.min_cosine:.5f} | "
             f"{r.sts_spearman:.2f} | {r.texts_per_s:.1f} | {r.vs_reference:.2f}x |"
         )
+    roof = [r for r in report.rows if r.gflop_per_text is not None]
+    if roof and report.peaks:
+        lines += [
+            "",
+            f"roofline (weight GEMMs, padding included): probe peaks on this CPU fp32 "
+            f"{report.peaks['fp32']:.0f} GFLOP/s, u8 x s8 {report.peaks['u8s8']:.0f} GOP/s",
+            "",
+            "| variant | GFLOP/text | achieved G(FL)OP/s | of peak |",
+            "|---|---|---|---|",
+        ]
+        for r in roof:
+            frac = "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%"
+            lines.append(
+                f"| {r.variant} | {r.gflop_per_text:.2f} | {r.achieved_gops:.0f} | {frac} |"
+            )
     if report.padding_fraction is not None:
         cap = report.max_batch_tokens
         budget = "" if cap is None else f", at most {cap} padded tokens each"
