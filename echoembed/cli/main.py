@@ -48,6 +48,46 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed_corpus(args: argparse.Namespace) -> int:
+    from echoembed.corpus import (
+        CorpusConfig,
+        embed_corpus,
+        format_summary,
+        format_verify,
+        verify_corpus,
+    )
+
+    if args.verify is not None:
+        if args.paths:
+            raise UserError("--verify takes OUT_DIR INPUT and nothing else")
+        report = verify_corpus(*args.verify)
+        print(format_verify(report))
+        return 0 if report.ok else 1
+    if len(args.paths) != 3:
+        raise UserError("embed-corpus needs ARTIFACT INPUT OUT_DIR (or --verify OUT_DIR INPUT)")
+    config = CorpusConfig(
+        *args.paths,
+        engine=args.engine,
+        address=args.address,
+        template=args.template,
+        id_column=args.id_column,
+        text_column=args.text_column,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        rows_per_shard=args.rows_per_shard,
+        on_bad_row=args.on_bad_row,
+        concurrency=args.concurrency,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        threads=args.threads,
+        providers=tuple(args.providers) if args.providers else None,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    print(format_summary(embed_corpus(config)))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from echoembed.artifact import describe
     from echoembed.exporter import ExportConfig, ParityConfig, export
@@ -338,6 +378,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "embed-corpus",
+        help="embed a corpus into Parquet shards (resumable; local or Ray Data engine)",
+        description="ARTIFACT INPUT OUT_DIR: embed every row of INPUT (.jsonl, .parquet, .tsv "
+        "with a header, .txt one text a line; a file, directory or glob) into OUT_DIR "
+        "(shard-XXXXX.parquet: id, embedding; job.json; summary.json). A rerun resumes. "
+        "--verify OUT_DIR INPUT checks that every input id appears exactly once.",
+    )
+    p.add_argument("paths", nargs="*", metavar="ARTIFACT INPUT OUT_DIR")
+    p.add_argument(
+        "--verify", nargs=2, metavar=("OUT_DIR", "INPUT"), default=None,
+        help="check a job's output against its input instead (exit 1 when it fails)",
+    )  # fmt: skip
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--address", default=None,
+        help="ray: an existing cluster (default: $RAY_ADDRESS, else a local 127.0.0.1 cluster)",
+    )  # fmt: skip
+    p.add_argument("--template", default=None, help="default: the artifact's own")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batch-tokens", type=int, default=None)
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    p.add_argument("--concurrency", type=int, default=1, help="ray: actors (one model each)")
+    p.add_argument("--cpus-per-actor", type=float, default=None)
+    p.add_argument("--gpus-per-actor", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per actor")
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers")
+    p.add_argument("--force", action="store_true", help="clear OUT_DIR's old output first")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embed_corpus)
 
     p = sub.add_parser("export", help="export a model with the echo pooling head to ONNX")
     p.add_argument("model", help="smollm2, a Hugging Face directory, or a .gguf file")
