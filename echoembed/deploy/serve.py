@@ -247,11 +247,11 @@ class TritonServer:
             f"--model-repository={Path(c.repo).resolve()}",
             f"--backend-directory={backends}",
             "--disable-auto-complete-config",
-            f"--http-address={LOOPBACK}",
+            "--http-address=127.0.0.1",  # loopback only (LOOPBACK)
             f"--http-port={self.http_port}",
-            f"--grpc-address={LOOPBACK}",
+            "--grpc-address=127.0.0.1",  # loopback only (LOOPBACK)
             f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={LOOPBACK}",
+            "--metrics-address=127.0.0.1",  # loopback only (LOOPBACK)
             f"--metrics-port={self.metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--exit-timeout-secs={max(1, int(c.stop_timeout_s) - 2)}",
