@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
+from echoembed.validation.roofline import PROBE_SHAPES, probe_model
+
 FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "avx2")
-# The model's GEMMs at batch 32 x 88 tokens: M = 2816; [K, N] of o_proj, gate/up, down.
-PROBE_SHAPES = ((2816, 576, 576), (2816, 576, 1536), (2816, 1536, 576))
 MATMUL_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "MatMulNBits"})
 INT8_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"})
 ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
@@ -103,55 +103,6 @@ def session_options(threads: int, profile_prefix: str | None = None):
 
 # ---------------------------------------------------------------------------------------------
 # Peak probe
-
-
-def probe_model(m: int, k: int, n: int, kind: str) -> tuple[bytes, dict[str, np.ndarray]]:
-    """A one-node graph [m, k] x [k, n] with a constant weight, and a feed for it.
-
-    ``fp32``: MatMul. ``u8s8`` / ``u8u8``: MatMulInteger with uint8 activations (and a scalar
-    zero point fed at run time, as DynamicQuantizeLinear produces it) and int8 / uint8 weights
-    with a per-column zero point, as ``quantize_dynamic(per_channel=True)`` writes them.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    if kind == "fp32":
-        w = rng.standard_normal((k, n), dtype=np.float32)
-        inits = [numpy_helper.from_array(w, "W")]
-        node = helper.make_node("MatMul", ["A", "W"], ["Y"])
-        inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])]
-        out_type = TensorProto.FLOAT
-        feed = {"A": rng.standard_normal((m, k), dtype=np.float32)}
-    elif kind in ("u8s8", "u8u8"):
-        if kind == "u8s8":
-            w = rng.integers(-127, 128, (k, n), dtype=np.int8)
-            wzp = np.zeros(n, dtype=np.int8)
-        else:
-            w = rng.integers(0, 256, (k, n), dtype=np.uint8)
-            wzp = np.full(n, 128, dtype=np.uint8)
-        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(wzp, "W_zp")]
-        node = helper.make_node("MatMulInteger", ["A", "W", "A_zp", "W_zp"], ["Y"])
-        inputs = [
-            helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k]),
-            helper.make_tensor_value_info("A_zp", TensorProto.UINT8, []),
-        ]
-        out_type = TensorProto.INT32
-        feed = {
-            "A": rng.integers(0, 256, (m, k), dtype=np.uint8),
-            "A_zp": np.array(rng.integers(0, 256), dtype=np.uint8),
-        }
-    else:
-        raise ValueError(f"unknown probe kind {kind!r}; known: fp32, u8s8, u8u8")
-    graph = helper.make_graph(
-        [node],
-        f"probe_{kind}",
-        inputs,
-        [helper.make_tensor_value_info("Y", out_type, [m, n])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    return model.SerializeToString(), feed
 
 
 def time_runs(fn, warmup: int, runs: int) -> list[float]:

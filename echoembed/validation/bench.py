@@ -328,12 +328,6 @@ def artifact_batches(config: BenchConfig, texts: list[str]) -> tuple[float, floa
     return padding_fraction(lengths, batches), padded / len(texts)
 
 
-def artifact_padding(config: BenchConfig, texts: list[str]) -> float | None:
-    """The padding share of the artifacts' batches on ``texts`` (see ``artifact_batches``)."""
-    found = artifact_batches(config, texts)
-    return None if found is None else found[0]
-
-
 def run_bench(config: BenchConfig | None = None, progress: Progress | None = None) -> BenchResult:
     """Run every variant on the same STS sentences; see the module docstring."""
     config = config or BenchConfig()

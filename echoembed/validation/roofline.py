@@ -3,7 +3,7 @@ itself (one-node fp32 ``MatMul`` and u8 x s8 ``MatMulInteger`` graphs at SmolLM2
 session settings the runtime uses), and an artifact's FLOPs per token read from its graph (2*K*N
 for every matmul with a constant weight; attention and elementwise work are not counted: 1.1%
 and less on SmolLM2 echo prompts, ``benchmarks/README.md``). ``benchmarks/profile_runtime.py``
-is the longer version with ORT's profiler.
+is the longer version with ORT's profiler (it uses these probe graphs).
 """
 
 from __future__ import annotations
@@ -33,28 +33,49 @@ class Peaks:
     shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES
 
 
-def _probe(m: int, k: int, n: int, integer: bool):
+def probe_model(m: int, k: int, n: int, kind: str) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A one-node graph [m, k] x [k, n] with a constant weight, and a feed for it.
+
+    ``fp32``: MatMul. ``u8s8`` / ``u8u8``: MatMulInteger with uint8 activations (and a scalar
+    zero point fed at run time, as DynamicQuantizeLinear produces it) and int8 / uint8 weights
+    with a per-column zero point, as ``quantize_dynamic(per_channel=True)`` writes them.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    if integer:
-        w = rng.integers(-127, 128, (k, n), dtype=np.int8)
-        inits = [numpy_helper.from_array(w, "W"),
-                 numpy_helper.from_array(np.zeros(n, np.int8), "W_zp")]  # fmt: skip
-        node = helper.make_node("MatMulInteger", ["A", "W", "A_zp", "W_zp"], ["Y"])
-        inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k]),
-                  helper.make_tensor_value_info("A_zp", TensorProto.UINT8, [])]  # fmt: skip
-        out = TensorProto.INT32
-        feed = {"A": rng.integers(0, 256, (m, k), dtype=np.uint8),
-                "A_zp": np.array(128, dtype=np.uint8)}  # fmt: skip
-    else:
-        inits = [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "W")]
+    if kind == "fp32":
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        inits = [numpy_helper.from_array(w, "W")]
         node = helper.make_node("MatMul", ["A", "W"], ["Y"])
         inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])]
-        out = TensorProto.FLOAT
+        out_type = TensorProto.FLOAT
         feed = {"A": rng.standard_normal((m, k), dtype=np.float32)}
+    elif kind in ("u8s8", "u8u8"):
+        if kind == "u8s8":
+            w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+            wzp = np.zeros(n, dtype=np.int8)
+        else:
+            w = rng.integers(0, 256, (k, n), dtype=np.uint8)
+            wzp = np.full(n, 128, dtype=np.uint8)
+        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(wzp, "W_zp")]
+        node = helper.make_node("MatMulInteger", ["A", "W", "A_zp", "W_zp"], ["Y"])
+        inputs = [
+            helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k]),
+            helper.make_tensor_value_info("A_zp", TensorProto.UINT8, []),
+        ]
+        out_type = TensorProto.INT32
+        feed = {
+            "A": rng.integers(0, 256, (m, k), dtype=np.uint8),
+            "A_zp": np.array(rng.integers(0, 256), dtype=np.uint8),
+        }
+    else:
+        raise ValueError(f"unknown probe kind {kind!r}; known: fp32, u8s8, u8u8")
     graph = helper.make_graph(
-        [node], "probe", inputs, [helper.make_tensor_value_info("Y", out, [m, n])], inits
+        [node],
+        f"probe_{kind}",
+        inputs,
+        [helper.make_tensor_value_info("Y", out_type, [m, n])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
@@ -69,10 +90,10 @@ def measure_peaks(threads: int | None = None, runs: int = 8) -> Peaks:
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    best = {False: 0.0, True: 0.0}
-    for integer in (False, True):
+    best = {"fp32": 0.0, "u8s8": 0.0}
+    for kind in best:
         for m, k, n in PROBE_SHAPES:
-            blob, feed = _probe(m, k, n, integer)
+            blob, feed = probe_model(m, k, n, kind)
             sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
             for _ in range(3):
                 sess.run(None, feed)
@@ -81,8 +102,8 @@ def measure_peaks(threads: int | None = None, runs: int = 8) -> Peaks:
                 t0 = time.perf_counter()
                 sess.run(None, feed)
                 fastest = min(fastest, time.perf_counter() - t0)
-            best[integer] = max(best[integer], 2.0 * m * k * n / fastest / 1e9)
-    return Peaks(best[False], best[True], threads)
+            best[kind] = max(best[kind], 2.0 * m * k * n / fastest / 1e9)
+    return Peaks(best["fp32"], best["u8s8"], threads)
 
 
 @dataclass(frozen=True)
