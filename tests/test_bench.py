@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,6 +24,7 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
         repeats=1,
         runs_dir=tmp_path,
         max_batch_tokens=256,
+        latency_texts=3,
     )
     result = run_bench(config)
     rows = {r.variant: r for r in result.report.rows}
@@ -55,6 +57,64 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
     assert onnx.achieved_gops == pytest.approx(onnx.gflop_per_text * onnx.texts_per_s)
     assert onnx.peak_fraction == pytest.approx(onnx.achieved_gops / peaks["fp32"])
     assert "| echoembed fp32 unfused | " in (run / "bench.md").read_text().split("roofline")[1]
+    # batch-1 latency and the issue's targets (no INT8 row and no peer here: "no row")
+    assert ref.latency_ms > 0 and ref.latency_vs_reference == 1.0
+    assert onnx.latency_vs_reference == pytest.approx(onnx.latency_ms / ref.latency_ms)
+    targets = {t.name: t for t in result.report.targets}
+    assert targets["fp32 artifact vs PyTorch fp32"].measured == pytest.approx(onnx.vs_reference)
+    assert targets["fp32 artifact vs optimum-onnx"].measured is None
+    assert not targets["INT8 size vs fp32"].met
+    assert data["latency_texts"] == 3 and len(data["targets"]) == len(targets) == 8
+    md = (run / "bench.md").read_text()
+    assert "batch-1 latency: median over 3 texts" in md
+    assert "| fp32 artifact vs optimum-onnx |" in md
+
+
+def test_targets_pass_and_fail_on_their_goals():
+    """check_targets picks the fastest fp32 and INT8 rows; the INT8 speed goal follows VNNI."""
+    from echoembed.validation.bench import BenchReport, BenchRow, check_targets
+    from echoembed.validation.report import MachineInfo
+
+    def row(name, kind, prec, rho, tps, size=None, ms=None, cos=1.0):
+        rel = None if ms is None else ms / 100.0
+        return BenchRow(name, kind, prec, None, 1.0, cos, rho, tps, tps / 20.0, size,
+                        latency_ms=ms, latency_vs_reference=rel)  # fmt: skip
+
+    rows = (
+        row("pytorch fp32", "pytorch", "fp32", 58.0, 20.0, ms=100.0),
+        row("echoembed fp32 fused", "onnx", "fp32", 58.0, 40.0, 1.0, cos=0.999995),
+        row("echoembed fp32 fused prefix", "onnx", "fp32", 58.0, 45.0, 1.0, cos=0.99999),
+        row("echoembed int8-dynamic", "onnx", "int8-dynamic", 57.2, 60.0, 0.30, ms=20.0),
+        row("optimum-onnx fp32", "peer", "fp32", 58.0, 30.0),
+    )
+    vnni = MachineInfo("Linux", "x86_64", "AMD EPYC", False, 2, "3.11", "1.32.0")
+    avx2 = MachineInfo("Linux", "x86_64", "AMD EPYC", True, 2, "3.11", "1.32.0")
+    for machine, int8_met in ((vnni, False), (avx2, True)):  # 3.00x: under 3.5, over 2.5
+        report = BenchReport("2026-01-01", machine, "sts.tsv", 4, 8, 8, 32, 1, rows,
+                             padding_fraction=0.074)  # fmt: skip
+        t = {x.name.split(" (")[0]: x for x in check_targets(report)}
+        assert t["fp32 artifact vs optimum-onnx"].measured == pytest.approx(1.5)
+        assert t["fp32 artifact vs optimum-onnx"].row.startswith("echoembed fp32 fused prefix")
+        assert t["fp32 artifact vs PyTorch fp32"].met  # 2.25x
+        assert t["INT8 artifact vs PyTorch fp32"].met is int8_met
+        assert t["INT8 STS Spearman vs fp32"].measured == pytest.approx(-0.8)
+        assert t["INT8 STS Spearman vs fp32"].met and t["INT8 size vs fp32"].met
+        assert t["INT8 batch-1 latency vs PyTorch fp32"].measured == pytest.approx(0.2)
+        assert t["padding of the artifacts' batches"].met
+        assert t["fp32 artifacts' min cosine vs PyTorch fp32"].met
+    worse = tuple(
+        dataclasses.replace(r, sts_spearman=56.5, latency_vs_reference=0.3, size_vs_fp32=0.5)
+        if r.precision == "int8-dynamic" else dataclasses.replace(r, min_cosine=0.9998)
+        if r.kind == "onnx" else r
+        for r in rows
+    )  # fmt: skip
+    report = BenchReport("x", vnni, "sts.tsv", 4, 8, 8, 32, 1, worse, padding_fraction=0.104)
+    failed = {x.name.split(" (")[0] for x in check_targets(report) if not x.met}
+    assert failed == {
+        "INT8 artifact vs PyTorch fp32", "INT8 STS Spearman vs fp32", "INT8 size vs fp32",
+        "INT8 batch-1 latency vs PyTorch fp32", "padding of the artifacts' batches",
+        "fp32 artifacts' min cosine vs PyTorch fp32",
+    }  # fmt: skip
 
 
 def test_graph_flops_counts_every_weight_gemm(tiny_artifact, tmp_path):

@@ -166,3 +166,100 @@ def test_bad_artifact_or_template_is_a_clear_error(binary, smollm2_artifact, tmp
     assert "re-export the artifact" in err
     r = _run(binary, smollm2_artifact.path, "hi\n", "--batch-size", "0")
     assert r.returncode == 2 and "--batch-size needs a positive integer" in r.stderr.decode()
+
+
+# -- a prefix-reuse artifact (manifest format 5) ----------------------------------------------
+
+
+def _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama exported with prefix reuse, once per session: test_cpp, test_tokenize and
+    test_triton share it by its path under the session's base temporary directory."""
+    from echoembed.artifact import Artifact
+    from echoembed.exporter import ExportConfig, export
+
+    out = tmp_path_factory.getbasetemp() / "tiny-prefix-artifact"
+    if (out / "manifest.json").is_file():
+        return Artifact(out, read_manifest(out))
+    return export(tiny_llama_dir, out, ExportConfig(prefix_reuse=True))
+
+
+@pytest.fixture(scope="module")
+def prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    art = _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir)
+    assert art.manifest.prefix is not None and art.manifest.prefix.template == "echo"
+    return art
+
+
+@pytest.fixture(scope="module")
+def prefix_runtime(prefix_artifact) -> Embedder:
+    return Embedder.load(prefix_artifact.path, threads=2)
+
+
+def test_prefix_artifact_embeddings_are_the_runtimes(binary, prefix_artifact, prefix_runtime,
+                                                     sentences):  # fmt: skip
+    texts = [*sentences[:24], LONG]
+    prefix = list(prefix_artifact.manifest.prefix_ids)
+    # --ids prints the whole prompt, as the encoder makes it (and `echoembed tokenize` + prefix)
+    got_ids = _ids(binary, prefix_artifact.path, texts)
+    assert got_ids == [tuple(r) for r in prefix_runtime.encoder().encode_ids(texts)]
+    assert all(ids[: len(prefix)] == prefix for ids, _, _ in got_ids)
+    # ... and the graph gets them without the prefix: the runtime's embeddings, in any batching
+    want = prefix_runtime.encode(texts)
+    for batch in ("32", "5"):
+        got = _embeddings(binary, prefix_artifact.path, texts, "--batch-size", batch)
+        assert got.shape == want.shape == (len(texts), prefix_runtime.hidden_size)
+        assert _cosines(got, want).min() >= 0.99999
+
+
+def test_prefix_artifact_refuses_other_templates(binary, prefix_artifact):
+    for args in (("--template", "classical"), ("--template", "query", "--ids")):
+        r = _run(binary, prefix_artifact.path, "A cat.\n", *args)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and r.stdout == b"", err
+        assert f"template {args[1]} starts with [1 " in err
+        assert "but this artifact has the prefix of template echo baked in" in err
+        assert "'<|im_start|>Rewrite the sentence:', 7 tokens [1 66 846" in err
+        assert "use --template echo" in err and "without --prefix-reuse" in err
+    r = _run(binary, prefix_artifact.path, "A cat.\n", "--template", "echo")
+    assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 1
+
+
+def _doctored(src: Path, dest: Path, edit) -> Path:
+    """``src`` with its manifest edited by ``edit(dict)`` (model and tokenizer linked)."""
+    dest.mkdir()
+    for name in ("model.onnx", "tokenizer.json"):
+        (dest / name).symlink_to(src / name)
+    data = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+    edit(data)
+    (dest / "manifest.json").write_text(json.dumps(data), encoding="utf-8")
+    return dest
+
+
+def test_prefix_rows_are_checked_and_the_manifest_read_strictly(binary, prefix_artifact,
+                                                                tmp_path):  # fmt: skip
+    def nothing_after_prefix(m):
+        # a plan whose prompt is the prefix alone: the text piece cut to 0 tokens, nothing after
+        plan = next(p for p in m["prompt_plans"] if p["template"] == "echo")
+        plan["pieces"] = plan["pieces"][:2]
+        plan["pieces"][1]["pooled"] = True
+        plan["max_length"] = 0
+
+    root = _doctored(prefix_artifact.path, tmp_path / "empty-rest", nothing_after_prefix)
+    r = _run(binary, root, "A cat.\nA dog.\n")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b"", err
+    assert "stdin:1: the prompt does not start with the 7 prefix ids baked into this" in err
+    assert "[1 66 846 16064 260 6330 42], template echo" in err
+    assert _run(binary, root, "A cat.\n", "--ids").returncode == 0  # --ids feeds no graph
+
+    root = _doctored(prefix_artifact.path, tmp_path / "no-ids", lambda m: m["prefix"].pop("ids"))
+    r = _run(binary, root, "A cat.\n")
+    assert r.returncode == 2 and "malformed manifest" in r.stderr.decode()
+    root = _doctored(prefix_artifact.path, tmp_path / "null", lambda m: m.update(prefix=None))
+    r = _run(binary, root, "A cat.\n", "--template", "classical", "--ids")
+    assert r.returncode == 0, r.stderr.decode()  # no prefix: every template
+    root = _doctored(prefix_artifact.path, tmp_path / "v6", lambda m: m.update(format_version=6))
+    r = _run(binary, root, "A cat.\n")
+    assert r.returncode == 2 and "format 6 is newer than this program reads (5)" in (
+        r.stderr.decode()
+    )

@@ -131,7 +131,7 @@ def test_fp16_is_not_fused(tiny16, tmp_path):
 
 def test_fusion_record_round_trips_and_reuse_follows_the_flag(fused_llama, tiny16, tmp_path):
     m = read_manifest(fused_llama.path)
-    assert m.format_version == 4 and m.fusion == fused_llama.manifest.fusion
+    assert m.format_version == 5 and m.fusion == fused_llama.manifest.fusion
     from echoembed.reference.sources import load_model, resolve_source
 
     loaded = load_model(resolve_source(str(tiny16["llama"])))

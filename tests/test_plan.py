@@ -151,17 +151,17 @@ def _plans(smollm2_tokenizer) -> tuple[PromptPlan, ...]:
 
 
 def test_format4_round_trips_plans_and_fusion(smollm2_tokenizer):
-    assert FORMAT_VERSION == 4
+    assert FORMAT_VERSION == 5  # 5 added the shared prefix (tests/test_prefix.py)
     fusion = FusionInfo(True, True, "", "onnxscript", {"GroupQueryAttention": 30}, 2186, 426,
                         6e-7, True)  # fmt: skip
     m = dataclasses.replace(
         Manifest.from_dict(_format1()), prompt_plans=_plans(smollm2_tokenizer), fusion=fusion
     )
     data = json.loads(m.to_json())
-    assert data["format_version"] == 4 and len(data["prompt_plans"]) == 4
+    assert data["format_version"] == 5 and len(data["prompt_plans"]) == 4
     assert data["fusion"]["ops"] == {"GroupQueryAttention": 30}
     again = Manifest.from_dict(data)
-    assert again == dataclasses.replace(m, format_version=4)
+    assert again == dataclasses.replace(m, format_version=5) and again.prefix is None
     three = Manifest.from_dict(dict({k: v for k, v in data.items() if k != "fusion"},
                                     format_version=3))  # fmt: skip
     assert three.format_version == 3 and three.fusion is None  # written before the fused stage

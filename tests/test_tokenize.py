@@ -55,6 +55,7 @@ def test_json_is_the_encoders_rows(smollm2_artifact, runtime, texts_file, tmp_pa
     want = runtime.encoder("document", max_length=8).encode_ids(texts)
     assert doc["template"] == "document" and doc["pad_id"] == runtime.encoder().pad_id
     assert doc["inputs"] == ["input_ids", "attention_mask", "pool_mask"]
+    assert doc["prefix_ids"] == []  # the graph takes whole prompts
     assert [(r["ids"], r["pool"], r["truncated"]) for r in doc["rows"]] == [tuple(r) for r in want]
     assert max(len(r["ids"]) for r in doc["rows"]) < 40  # max_length 8 per piece took effect
 
@@ -87,3 +88,74 @@ def test_tokenize_needs_no_torch(smollm2_artifact, texts_file, tmp_path):
     assert r.returncode == 0, r.stderr
     with np.load(out) as got:
         assert got["input_ids"].shape[0] == len(texts)
+
+
+# -- a prefix-reuse artifact (manifest format 5): the output is what its graph takes ----------
+
+
+def _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama exported with prefix reuse, once per session: test_cpp, test_tokenize and
+    test_triton share it by its path under the session's base temporary directory."""
+    from echoembed.artifact import Artifact, read_manifest
+    from echoembed.exporter import ExportConfig, export
+
+    out = tmp_path_factory.getbasetemp() / "tiny-prefix-artifact"
+    if (out / "manifest.json").is_file():
+        return Artifact(out, read_manifest(out))
+    return export(tiny_llama_dir, out, ExportConfig(prefix_reuse=True))
+
+
+@pytest.fixture(scope="module")
+def prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    art = _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir)
+    assert len(art.manifest.prefix_ids) == 7
+    return art
+
+
+def test_prefix_artifact_npz_is_the_graphs_feed(prefix_artifact, texts_file, tmp_path):
+    import onnxruntime as ort
+
+    from echoembed.echo import strip_prefix
+
+    path, texts = texts_file
+    out = tmp_path / "ids.npz"
+    assert main(["tokenize", str(prefix_artifact.path), "-i", str(path), "-o", str(out)]) == 0
+    embedder = Embedder.load(prefix_artifact.path, threads=2)
+    prefix = prefix_artifact.manifest.prefix_ids
+    whole = embedder.encoder().encode(texts)
+    want = strip_prefix(whole, prefix)
+    with np.load(out) as got:
+        assert sorted(got.files) == [
+            "attention_mask", "input_ids", "pool_mask", "prefix_ids", "truncated"
+        ]  # fmt: skip
+        assert got["prefix_ids"].tolist() == list(prefix)
+        assert got["input_ids"].shape == (len(texts), whole.input_ids.shape[1] - len(prefix))
+        for name, array in want.feed().items():
+            np.testing.assert_array_equal(got[name], array)
+        np.testing.assert_array_equal(got["truncated"], whole.truncated)
+        feed = {name: got[name] for name in ("input_ids", "attention_mask", "pool_mask")}
+    # fed to the graph as is, they give the runtime's embeddings
+    model = str(prefix_artifact.model_path)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (emb,) = session.run(["embedding"], feed)
+    np.testing.assert_allclose(emb, embedder.encode(texts), atol=1e-5)
+
+
+def test_prefix_artifact_json_rows_and_wrong_template(prefix_artifact, texts_file, tmp_path,
+                                                      capsys):  # fmt: skip
+    path, texts = texts_file
+    art = str(prefix_artifact.path)
+    out = tmp_path / "ids.json"
+    assert main(["tokenize", art, "-i", str(path), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    prefix = list(prefix_artifact.manifest.prefix_ids)
+    assert doc["prefix_ids"] == prefix
+    whole = Embedder.load(prefix_artifact.path, session=False).encoder().encode_ids(texts)
+    assert [(prefix + r["ids"], [0] * len(prefix) + r["pool"], r["truncated"])
+            for r in doc["rows"]] == [tuple(r) for r in whole]  # fmt: skip
+    capsys.readouterr()
+    assert main(["tokenize", art, "-i", str(path), "-o", str(tmp_path / "q.json"),
+                 "--template", "query"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "template 'query' starts with" in err and "prefix of template 'echo' baked in" in err
+    assert not (tmp_path / "q.json").exists()

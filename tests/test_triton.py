@@ -1,13 +1,17 @@
 """Triton deployment: model repositories (every config parsed with Triton's own schema) and a
 real tritonserver (the nvidia-pytriton wheel's) serving the SmolLM2 artifact over HTTP and gRPC.
 
-Tests that start a server are marked ``triton``; one server is shared by the module.
+Tests that start a server are marked ``triton``; one server is shared by the module. It serves
+the SmolLM2 repository plus, renamed ``*_prefix``, the three models of a tiny prefix-reuse
+artifact (manifest format 5).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,9 +63,53 @@ def repo(smollm2_artifact, tmp_path_factory) -> Path:
     return write_triton_repo(TritonRepoConfig(smollm2_artifact.path, out, max_batch=16))
 
 
+PREFIX_SUFFIX = "_prefix"
+
+
+def _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama exported with prefix reuse, once per session: test_cpp, test_tokenize and
+    test_triton share it by its path under the session's base temporary directory."""
+    from echoembed.artifact import Artifact, read_manifest
+    from echoembed.exporter import ExportConfig, export
+
+    out = tmp_path_factory.getbasetemp() / "tiny-prefix-artifact"
+    if (out / "manifest.json").is_file():
+        return Artifact(out, read_manifest(out))
+    return export(tiny_llama_dir, out, ExportConfig(prefix_reuse=True))
+
+
 @pytest.fixture(scope="module")
-def server(repo):
-    s = TritonServer(ServeConfig(repo, start_timeout_s=120, stop_timeout_s=15))
+def prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    art = _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir)
+    assert len(art.manifest.prefix_ids) == 7
+    return art
+
+
+@pytest.fixture(scope="module")
+def prefix_embedder(prefix_artifact) -> Embedder:
+    return Embedder.load(prefix_artifact.path, threads=1)
+
+
+@pytest.fixture(scope="module")
+def served_repo(repo, prefix_artifact, tmp_path_factory) -> Path:
+    """What the module's server serves: ``repo`` (hard links) and the prefix artifact's models
+    (``--encoder python``, the only backend this server has) renamed ``*_prefix``."""
+    base = tmp_path_factory.mktemp("triton-served")
+    out = Path(shutil.copytree(repo, base / "repo", copy_function=os.link))
+    prefix_repo = write_triton_repo(TritonRepoConfig(prefix_artifact.path, base / "prefix"))
+    names = re.compile(r'"(' + "|".join(MODEL_NAMES) + r')"')
+    for name in MODEL_NAMES:
+        dest = out / (name + PREFIX_SUFFIX)
+        shutil.copytree(prefix_repo / name, dest)
+        config = (dest / "config.pbtxt").read_text(encoding="utf-8")
+        renamed = names.sub(lambda m: f'"{m.group(1)}{PREFIX_SUFFIX}"', config)
+        (dest / "config.pbtxt").write_text(renamed, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(served_repo):
+    s = TritonServer(ServeConfig(served_repo, start_timeout_s=120, stop_timeout_s=15))
     s.start()
     yield s
     s.stop()
@@ -73,15 +121,19 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def http_infer(url: str, texts: list, templates: list | None = None, dtype: str = "BYTES"):
-    """One request to echo_embedder over HTTP -> embeddings, or the exception it raised."""
+def http_infer(
+    url: str,
+    texts: list,
+    templates: list | None = None,
+    dtype: str = "BYTES",
+    model: str = "echo_embedder",
+):
+    """One request to ``model`` over HTTP -> embeddings, or the exception it raised."""
     import tritonclient.http as th
 
     client = th.InferenceServerClient(url)
     try:
-        return client.infer("echo_embedder", _inputs(th, texts, templates, dtype)).as_numpy(
-            "embedding"
-        )
+        return client.infer(model, _inputs(th, texts, templates, dtype)).as_numpy("embedding")
     except Exception as e:  # the InferenceServerException is what the test checks
         return e
     finally:
@@ -148,6 +200,7 @@ def test_every_config_parses_with_tritons_schema(tiny_artifact, tmp_path, encode
     assert [o.name for o in tok.output] == ["input_ids", "attention_mask", "pool_mask"]
     assert all(o.data_type == pb.TYPE_INT64 and list(o.dims) == [-1] for o in tok.output)
     assert tok.instance_group[0].count == 2
+    assert tok.parameters["strip_prefix"].string_value == "false"  # no prefix: whole prompts
 
     assert enc.HasField("dynamic_batching")
     assert enc.dynamic_batching.max_queue_delay_microseconds == 500
@@ -272,6 +325,145 @@ def test_encoder_model_rejects_unusable_inputs(repo):
     for ids, att, pm in bad:
         with pytest.raises(InputError):
             model.rows(ids, att, pm)
+
+
+# -- a prefix-reuse artifact (manifest format 5), through the models' model.py ------------------
+
+
+class _FakeTensor:
+    def __init__(self, name: str, array: np.ndarray):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class _FakeError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message: str, code: str):
+        self._message, self.code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors: list, error: _FakeError | None = None):
+        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+        self.error = error
+
+
+def _fake_pb_utils():
+    """The few ``triton_python_backend_utils`` names the models use; a request is a dict."""
+    import types
+
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor, mod.TritonError, mod.InferenceResponse = _FakeTensor, _FakeError, _FakeResponse
+    mod.get_input_tensor_by_name = lambda request, name: (
+        _FakeTensor(name, request[name]) if name in request else None
+    )
+    mod.Logger = types.SimpleNamespace(log_warn=lambda message: None)
+    return mod
+
+
+def _load_model(monkeypatch, repo: Path, name: str):
+    """``repo``'s ``name`` model.py, initialized as Triton would (its config as JSON)."""
+    import importlib.util
+
+    from google.protobuf import json_format
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    path = repo / name / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"_triton_{name}_{id(repo)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json_format.MessageToDict(
+        parse_config(repo / name / "config.pbtxt"), preserving_proto_field_name=True
+    )
+    args = {"model_config": json.dumps(config), "model_repository": str(repo / name)}
+    model = module.TritonPythonModel()
+    model.initialize({**args, "model_version": "1"})
+    return model
+
+
+def _text_request(texts: list[str], templates: list[str] | None = None) -> dict:
+    req = {"text": np.array([[t.encode()] for t in texts], dtype=object)}
+    if templates is not None:
+        req["template"] = np.array([[t.encode()] for t in templates], dtype=object)
+    return req
+
+
+@pytest.fixture(scope="module")
+def prefix_repos(prefix_artifact, tmp_path_factory) -> dict[str, Path]:
+    """The prefix artifact's repository per encoder that feeds the graph or the runtime."""
+    base = tmp_path_factory.mktemp("triton-prefix")
+    return {
+        enc: write_triton_repo(TritonRepoConfig(prefix_artifact.path, base / enc, encoder=enc))
+        for enc in ("python", "onnxruntime")
+    }
+
+
+def test_prefix_tokenizer_config_strips_only_for_graph_encoders(prefix_repos):
+    for encoder, strip in (("python", "false"), ("onnxruntime", "true")):
+        tok = parse_config(prefix_repos[encoder] / "echo_tokenizer" / "config.pbtxt")
+        assert tok.parameters["strip_prefix"].string_value == strip
+        assert [list(o.dims) for o in tok.output] == [[-1]] * 3
+
+
+def test_prefix_tokenizer_feeds_the_graph_without_the_prefix(monkeypatch, prefix_repos,
+                                                             prefix_artifact, prefix_embedder,
+                                                             sentences):  # fmt: skip
+    import onnxruntime as ort
+
+    from echoembed.echo import strip_prefix
+
+    repo = prefix_repos["onnxruntime"]
+    tokenizer = _load_model(monkeypatch, repo, "echo_tokenizer")
+    texts = sentences[:6]
+    good = _text_request(texts, ["", "echo", "", "", "echo", ""])
+    wrong = _text_request(texts[:1], ["classical"])
+    responses = tokenizer.execute([good, wrong])
+    assert responses[0].error is None
+    prefix = prefix_artifact.manifest.prefix_ids
+    want = strip_prefix(prefix_embedder.encoder().encode(texts), prefix)
+    got = responses[0].outputs
+    assert sorted(got) == ["attention_mask", "input_ids", "pool_mask"]
+    for name, array in want.feed().items():
+        np.testing.assert_array_equal(got[name], array)
+    err = responses[1].error
+    assert err is not None and err.code == "INVALID_ARG"
+    assert "template 'classical' starts with" in err.message()
+    assert "prefix of template 'echo' baked in" in err.message()
+    # what the onnxruntime_onnx backend would do: echo_encoder's model.onnx on those tensors
+    session = ort.InferenceSession(
+        str(repo / "echo_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (emb,) = session.run(["embedding"], got)
+    assert cosines(emb, prefix_embedder.encode(texts)).min() >= COSINE
+
+
+def test_prefix_python_encoder_takes_whole_prompts(monkeypatch, prefix_repos, prefix_artifact,
+                                                   prefix_embedder, sentences):  # fmt: skip
+    repo = prefix_repos["python"]
+    tokenizer = _load_model(monkeypatch, repo, "echo_tokenizer")
+    texts = sentences[6:12]
+    (tok_out,) = tokenizer.execute([_text_request(texts)])
+    assert tok_out.error is None
+    whole = prefix_embedder.encoder().encode(texts)
+    np.testing.assert_array_equal(tok_out.outputs["input_ids"], whole.input_ids)
+    encoder = _load_model(monkeypatch, repo, "echo_encoder")
+    p = len(prefix_artifact.manifest.prefix_ids)
+    stripped = {k: v[:, p:] for k, v in tok_out.outputs.items()}
+    # rows without the prefix are refused per request: the good request batched with them
+    # is served
+    ok, bad = encoder.execute([tok_out.outputs, stripped])
+    assert ok.error is None and bad.error is not None
+    assert f"does not start with the {p} prefix ids" in bad.error.message()
+    assert cosines(ok.outputs["embedding"], prefix_embedder.encode(texts)).min() >= COSINE
 
 
 # -- a real server -------------------------------------------------------------------------------
@@ -435,6 +627,22 @@ def test_template_input_changes_the_embedding_as_the_embedder(server, embedder, 
     for i, name in enumerate([None, "query", "classical", "document"]):
         want = embedder.encode([texts[i]], template=name)
         assert float(cosines(mixed[i : i + 1], want)[0]) >= COSINE
+
+
+@pytest.mark.triton
+def test_prefix_artifact_is_served_as_the_embedder(server, prefix_embedder, sentences):
+    model = "echo_embedder" + PREFIX_SUFFIX
+    texts = sentences[:8]
+    got = http_infer(server.http_url, texts, model=model)
+    assert isinstance(got, np.ndarray), got
+    assert got.shape == (8, prefix_embedder.hidden_size)
+    assert cosines(got, prefix_embedder.encode(texts)).min() >= COSINE
+    err = http_infer(server.http_url, texts[:2], ["echo", "document"], model=model)
+    from tritonclient.utils import InferenceServerException
+
+    assert isinstance(err, InferenceServerException) and err.status() == "400", err
+    assert "template 'document' starts with" in err.message()
+    assert "prefix of template 'echo' baked in" in err.message()
 
 
 # -- start, stop, CLI ----------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """The artifact contract: one frozen dataclass, written as ``manifest.json`` beside the model.
 
+Format 5 adds ``prefix`` (shared-prefix reuse, ``PrefixInfo``): the template whose constant
+leading token ids are baked into the graph as keys/values; the graph's inputs are then each
+prompt *without* those ids (a runner checks and strips them, ``echo.strip_prefix``). ``None``:
+the graph takes whole prompts, as in formats 1-4.
+Format 4 added ``fusion`` (``FusionInfo``).
 Format 3 (this release) adds ``prompt_plans``: per shipped template, its ``echo.PromptPlan``
 (fixed piece ids, text slots, pool flags, limits, pad id), so consumers without the template
 parser (examples/cpp, services bringing their own runtime) assemble prompts exactly as
@@ -30,8 +35,8 @@ from echoembed.echo.plan import PromptPlan
 from echoembed.echo.template import Template
 from echoembed.errors import ArtifactError
 
-FORMAT_VERSION = 4
-READABLE_FORMATS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 MODEL_FILE = "model.onnx"
@@ -125,6 +130,33 @@ class FusionInfo:
 
 
 @dataclass(frozen=True)
+class PrefixInfo:
+    """Shared-prefix reuse (format 5): the constant leading tokens of ``template`` computed once
+    at export time and baked into the graph as keys/values. The graph's inputs are each prompt
+    without these ``ids``: every consumer encodes as usual, checks that each row starts with
+    them, and drops them (``echo.strip_prefix``; examples/cpp and Triton's tokenizer do the
+    same). Only templates whose prompts start with these ids can use the artifact."""
+
+    template: str  # the template the prefix was taken from (the artifact's default)
+    text: str  # the prefix decoded, for messages (e.g. "<|im_start|>Rewrite the sentence:")
+    ids: tuple[int, ...]
+    # how the keys/values were made: "gqa-capture" (the fused graph's own GroupQueryAttention
+    # inputs at the prefix positions, concatenated in front of each call) or "torch-cache"
+    # (the PyTorch model's cache of the prefix, traced in as past keys/values)
+    method: str
+    max_abs_diff: float | None = None  # vs the same graph without prefix reuse, normalized
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", tuple(int(i) for i in self.ids))
+        if not self.ids:
+            raise ValueError("a baked prefix has at least one token")
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a runner needs to use an artifact, and where it came from."""
 
@@ -155,6 +187,7 @@ class Manifest:
     prompt_plans: tuple[PromptPlan, ...] = ()  # one per template this tokenizer can encode
     engine: EngineInfo | None = None  # engine artifacts only: the TensorRT plan's contract
     fusion: FusionInfo | None = None  # format 4: the fused export stage (None: not recorded)
+    prefix: PrefixInfo | None = None  # format 5: baked shared prefix (None: whole prompts)
 
     def template(self, name: str) -> TemplateSpec | None:
         return next((t for t in self.templates if t.name == name), None)
@@ -162,6 +195,11 @@ class Manifest:
     def plan(self, name: str) -> PromptPlan | None:
         """The recorded prompt plan of template ``name`` (None: not recorded)."""
         return next((p for p in self.prompt_plans if p.template == name), None)
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """The ids a runner strips from every row before feeding the graph (() for none)."""
+        return () if self.prefix is None else self.prefix.ids
 
     @property
     def output_name(self) -> str:
@@ -230,6 +268,8 @@ class Manifest:
                 d["engine"] = EngineInfo.from_dict(d["engine"])
             if d.get("fusion") is not None:
                 d["fusion"] = FusionInfo(**d["fusion"])
+            if d.get("prefix") is not None:
+                d["prefix"] = PrefixInfo(**d["prefix"])
             return cls(**d)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e}); re-export the artifact") from e
@@ -358,6 +398,15 @@ def describe(manifest: Manifest) -> str:
                 else f"not applied: {f.reason}"
             )
         )
+    if m.prefix is not None:
+        x = m.prefix
+        lines.append(
+            f"prefix           {x.length} tokens of template {x.template!r} baked in ({x.text!r}, "
+            f"{x.method}"
+            + ("" if x.max_abs_diff is None else f", max abs diff vs whole prompts "
+               f"{x.max_abs_diff:.1e}")
+            + "); inputs are prompts without them"
+        )  # fmt: skip
     if m.parity is not None:
         p = m.parity
         lines.append(

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from echoembed.data import shipped_texts
-from echoembed.echo import EchoEncoder, EncodedBatch
+from echoembed.echo import EchoEncoder, EncodedBatch, strip_prefix
 from echoembed.errors import InputError
 
 
@@ -133,7 +133,15 @@ class FixedShapeReader:
     texts), which the Entropy/Percentile calibrators need.
     """
 
-    def __init__(self, encoder: EchoEncoder, texts: tuple[str, ...] | list[str], batch_size: int):
+    def __init__(
+        self,
+        encoder: EchoEncoder,
+        texts: tuple[str, ...] | list[str],
+        batch_size: int,
+        prefix_ids: tuple[int, ...] = (),
+    ):
+        """``prefix_ids``: the graph's baked shared prefix, stripped from every batch (the feeds
+        are what the graph takes)."""
         if not texts:
             raise InputError("no calibration texts")
         rows = encoder.encode_ids(list(texts))
@@ -143,7 +151,7 @@ class FixedShapeReader:
             chunk = rows[start : start + batch_size]
             chunk = chunk + rows[: batch_size - len(chunk)] if len(chunk) < batch_size else chunk
             batch = pad_to(encoder.pad(chunk), self.width, encoder.pad_id)
-            self.batches.append(batch.feed())
+            self.batches.append(strip_prefix(batch, prefix_ids).feed())
         self._it: Iterator[dict[str, np.ndarray]] = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:

@@ -373,6 +373,7 @@ class Evaluator:
 
     def __init__(self, parent: Embedder, texts: tuple[str, ...], sts: StsData | None):
         self.encoder = parent.encoder()
+        self.prefix_ids = parent.manifest.prefix_ids  # candidates share the parent's prefix
         self.output_name = parent.manifest.output_name
         self.texts = texts
         self.want = parent.encode(list(texts), show_progress=False)
@@ -383,7 +384,8 @@ class Evaluator:
         return sts_spearman(self.sts, lambda s: embed_texts(runner, self.encoder, s))
 
     def __call__(self, path: Path, excluded: tuple[str, ...]) -> Attempt:
-        runner = OrtRunner(path, self.output_name, providers=["CPUExecutionProvider"])
+        runner = OrtRunner(path, self.output_name, providers=["CPUExecutionProvider"],
+                           prefix_ids=self.prefix_ids)  # fmt: skip
         got = embed_texts(runner, self.encoder, self.texts)
         cos = (got * self.want).sum(axis=1)
         rho = None if self.sts is None else self._spearman(runner)
@@ -455,7 +457,9 @@ def _open_job(
         encoder=encoder,
         cal=cal,
         evaluate=Evaluator(runtime, cal.evaluation, sts),
-        reader=FixedShapeReader(encoder, cal.calibration, options.calibration.batch_size),
+        reader=FixedShapeReader(
+            encoder, cal.calibration, options.calibration.batch_size, parent.prefix_ids
+        ),
         model=model,
         linear=linear,
         excluded=_match(config.exclude, linear),

@@ -105,6 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         force=args.force,
         threads=args.threads,
         fuse=not args.no_fuse,
+        prefix_reuse=args.prefix_reuse,
     )
     artifact = export(args.model, args.out, config, progress=_progress)
     print(describe(artifact.manifest))
@@ -437,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the unfused graph (for TensorRT; by default ONNX Runtime's fused attention, "
         "rotary and RMSNorm kernels go in where they apply)",
+    )
+    p.add_argument(
+        "--prefix-reuse",
+        action="store_true",
+        help="compute the template's constant leading tokens once and bake them into the graph "
+        "(faster; the artifact then serves only templates that start with the same tokens)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from echoembed.echo import PRESETS, EncodedBatch, EncodedRow, l2_normalize, validate_texts
+from echoembed.echo import (
+    PRESETS,
+    EncodedBatch,
+    EncodedRow,
+    l2_normalize,
+    strip_prefix,
+    validate_texts,
+)
 from echoembed.errors import InputError, TemplateError
 from echoembed.runtime.embedder import Embedder
 
@@ -164,6 +171,9 @@ class EncoderModel:
                     f"input_ids row {b} has ids outside the vocabulary [0, {self.vocab_size})"
                 )
             out.append(EncodedRow(row_ids.tolist(), pm[b, :n].tolist(), False))
+        prefix = self.embedder.manifest.prefix_ids
+        if prefix:  # a baked prefix: refuse this request alone, not the batch it would join
+            strip_prefix(self.embedder.encoder(None).pad(out), prefix)
         return out
 
     def embed(self, requests: Sequence[Sequence[EncodedRow]]) -> list[np.ndarray]:

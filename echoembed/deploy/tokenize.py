@@ -5,9 +5,14 @@ tokenizer, template, ``max_length`` and context), so feeding them to the artifac
 ``Embedder.encode``'s embeddings. Two output forms, each written atomically:
 
 - ``.npz``: ``input_ids``, ``attention_mask``, ``pool_mask`` (int64 [texts, longest], right-padded
-  with the pad id) and ``truncated`` (bool [texts]), rows in input order;
+  with the pad id) and ``truncated`` (bool [texts]), rows in input order (plus ``prefix_ids``,
+  int64 [P], for a prefix-reuse artifact);
 - ``.json``: per text its unpadded ``ids``, ``pool`` flags and ``truncated``, plus the template,
-  the pad id and the graph's input names.
+  the pad id, the graph's input names and ``prefix_ids`` (``[]`` for most artifacts).
+
+The output is always what the graph takes. For a prefix-reuse artifact (``manifest.prefix``,
+format 5) that is each prompt *without* the baked prefix (``echo.strip_prefix``): the whole prompt,
+as ``examples/cpp``'s ``--ids`` or ``EchoEncoder.encode_ids`` give it, is ``prefix_ids + ids``.
 
 Only the manifest and ``tokenizer.json`` are read (its checksum verified); no ONNX Runtime.
 """
@@ -28,6 +33,7 @@ from echoembed.echo import (
     INPUT_NAMES,
     EchoEncoder,
     EncodedRow,
+    strip_prefix,
 )
 from echoembed.errors import InputError
 
@@ -41,8 +47,9 @@ class TokenizeResult:
     path: Path
     template: str
     texts: int
-    width: int  # the longest prompt, in tokens
+    width: int  # the longest row written, in tokens (without the prefix, if one was stripped)
     truncated: int  # rows shortened to fit the context
+    prefix: int = 0  # leading tokens stripped from every row (a prefix-reuse artifact's)
 
 
 def artifact_encoder(
@@ -62,30 +69,40 @@ def write_tokens(
     texts: Sequence[str],
     output: str | os.PathLike[str],
     variables: Mapping[str, str] | None = None,
+    prefix_ids: Sequence[int] = (),
 ) -> TokenizeResult:
-    """Encode ``texts`` and write them to ``output`` (.npz padded, .json per text)."""
+    """Encode ``texts`` and write them to ``output`` (.npz padded, .json per text);
+    ``prefix_ids``: the prefix baked into the artifact's graph (``Manifest.prefix_ids``), checked
+    and dropped from every row (``InputError`` when a row does not start with it)."""
     out = _check_output(output)
+    prefix = [int(i) for i in prefix_ids]
     rows: list[EncodedRow] = encoder.encode_ids(texts, variables)
+    batch = strip_prefix(encoder.pad(rows), prefix)  # the check, for both forms
     name = encoder.config.template.name
+    p = len(prefix)
     if out.suffix == ".npz":
-        batch = encoder.pad(rows)
+        extra = {"prefix_ids": np.asarray(prefix, dtype=np.int64)} if prefix else {}
         buf = io.BytesIO()
-        np.savez(buf, **batch.feed(), truncated=batch.truncated)
+        np.savez(buf, **batch.feed(), truncated=batch.truncated, **extra)
         atomic_write(out, buf.getvalue())
     else:
         doc = {
             "template": name,
             "pad_id": encoder.pad_id,
             "inputs": list(INPUT_NAMES),
-            "rows": [{"ids": r.ids, "pool": r.pool_flags, "truncated": r.truncated} for r in rows],
+            "prefix_ids": prefix,
+            "rows": [
+                {"ids": r.ids[p:], "pool": r.pool_flags[p:], "truncated": r.truncated} for r in rows
+            ],
         }
         atomic_write(out, json.dumps(doc, separators=(",", ":")) + "\n")
     return TokenizeResult(
         path=out,
         template=name,
         texts=len(rows),
-        width=max(len(r.ids) for r in rows),
+        width=max(len(r.ids) for r in rows) - p,
         truncated=sum(r.truncated for r in rows),
+        prefix=p,
     )
 
 
@@ -103,9 +120,13 @@ def tokenize_file(
     template: str | None = None,
     max_length: int | None = None,
 ) -> TokenizeResult:
-    """``echoembed tokenize``: texts (one per line) -> model inputs at ``output``."""
+    """``echoembed tokenize``: texts (one per line) -> model inputs at ``output`` (for a
+    prefix-reuse artifact, without its baked prefix: what its graph takes)."""
+    from echoembed.runtime.embedder import Embedder
     from echoembed.textio import read_texts
 
     _check_output(output)
     texts = read_texts(input_path)
-    return write_tokens(artifact_encoder(artifact_dir, template, max_length), texts, output)
+    embedder = Embedder.load(artifact_dir, session=False)
+    encoder = embedder.encoder(template, max_length)
+    return write_tokens(encoder, texts, output, prefix_ids=embedder.manifest.prefix_ids)

@@ -14,6 +14,13 @@ holds an absolute path. ``encoder`` picks how ``echo_encoder`` runs:
 - ``tensorrt``: ``tensorrt_plan`` with ``cc_model_filenames`` (one plan per GPU compute
   capability); needs TensorRT engines, which come with engine artifacts (``build-engine``).
 
+A prefix-reuse artifact (``manifest.prefix``, format 5) has its template's constant leading ids
+baked into the graph, which then takes prompts without them. ``echo_tokenizer`` emits what
+``echo_encoder`` takes: for ``onnxruntime`` and ``tensorrt`` (the graph itself) the prompts without
+the prefix (its ``strip_prefix`` parameter is ``"true"``), for ``python`` the whole prompts, which
+``echoembed.runtime`` checks and strips as ``Embedder.encode`` does. Templates whose prompts do not
+start with the prefix are refused per request (INVALID_ARG).
+
 Every model has dynamic batching. Configs are written as protobuf text; the tests parse each one
 with Triton's own ``ModelConfig`` schema.
 """
@@ -153,12 +160,21 @@ def _dtype(dtype: str) -> str:
     return _DTYPES[dtype]
 
 
-def tokenizer_config(config: TritonRepoConfig) -> str:
-    """``echo_tokenizer``'s config.pbtxt (Python backend)."""
+def strips_prefix(config: TritonRepoConfig, manifest: Manifest | None) -> bool:
+    """Whether ``echo_tokenizer`` drops the artifact's baked prefix from its outputs: when
+    ``echo_encoder`` is the graph itself (``onnxruntime``, ``tensorrt``); the ``python`` encoder
+    takes whole prompts and strips them in ``echoembed.runtime``."""
+    return manifest is not None and manifest.prefix is not None and config.encoder != "python"
+
+
+def tokenizer_config(config: TritonRepoConfig, manifest: Manifest | None = None) -> str:
+    """``echo_tokenizer``'s config.pbtxt (Python backend); ``manifest``: the artifact's, which
+    decides ``strip_prefix`` (None: no prefix)."""
     out = [_tensor(n, "TYPE_INT64", [-1]) for n in INPUT_NAMES]
     params = {
         "max_text_bytes": str(config.max_text_bytes),
         "custom_templates": "true" if config.custom_templates else "false",
+        "strip_prefix": "true" if strips_prefix(config, manifest) else "false",
         "echoembed_version": echoembed.__version__,
     }
     return (
@@ -322,7 +338,7 @@ def write_triton_repo(config: TritonRepoConfig) -> Path:
         tok = root / TOKENIZER_MODEL
         _copy_artifact(src, manifest, tok / VERSION / ARTIFACT_SUBDIR, [TOKENIZER_NAME])
         atomic_write(tok / VERSION / "model.py", _python_model("tokenizer"))
-        atomic_write(tok / "config.pbtxt", tokenizer_config(config))
+        atomic_write(tok / "config.pbtxt", tokenizer_config(config, manifest))
 
         enc = root / ENCODER_MODEL
         plan_names = None

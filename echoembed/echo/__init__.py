@@ -15,6 +15,7 @@ from echoembed.echo.encode import (
 )
 from echoembed.echo.plan import PlanPiece, PromptPlan, water_fill
 from echoembed.echo.pooling import Pooling, l2_normalize, pool
+from echoembed.echo.prefix import check_plan_prefix, leading_fixed_ids, strip_prefix
 from echoembed.echo.presets import PRESETS, Preset, get_template
 from echoembed.echo.template import Piece, Template, parse_pieces
 
@@ -39,6 +40,9 @@ __all__ = [
     "get_template",
     "l2_normalize",
     "parse_pieces",
+    "check_plan_prefix",
+    "leading_fixed_ids",
+    "strip_prefix",
     "pool",
     "template_plans",
     "validate_texts",

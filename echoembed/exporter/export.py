@@ -29,6 +29,7 @@ from echoembed.artifact import (
     Artifact,
     FusionInfo,
     Manifest,
+    PrefixInfo,
     SourceInfo,
     TemplateSpec,
     TensorSpec,
@@ -81,6 +82,10 @@ class ExportConfig:
     # ORT's fused kernels (GroupQueryAttention with rotary, RMSNorm, skip-RMSNorm) where they
     # apply to an fp32 graph; off for graphs meant for TensorRT, which has no such ops
     fuse: bool = True
+    # shared-prefix reuse: the template's constant leading tokens computed once and baked into
+    # the graph (its inputs are then prompts without them; only templates starting with the
+    # same tokens can use the artifact)
+    prefix_reuse: bool = False
 
 
 def _check_config(config: ExportConfig) -> Template:
@@ -127,14 +132,34 @@ def _model_for_dtype(model, dtype: str):
     return half.eval()
 
 
-def _trace(loaded: LoadedModel, config: ExportConfig, encoder: EchoEncoder, path: Path) -> None:
+def _trace(
+    loaded: LoadedModel,
+    config: ExportConfig,
+    encoder: EchoEncoder,
+    path: Path,
+    prefix_ids: tuple[int, ...] = (),
+) -> None:
+    """Trace the model with the pooling head to ``path``; with ``prefix_ids``, the shared-prefix
+    module (the prefix's cache baked in; inputs are prompts without the prefix)."""
     torch = require("torch", "export")
-    from echoembed.exporter.head import EchoEmbeddingModel
+    from echoembed.echo import strip_prefix
+    from echoembed.exporter.head import EchoEmbeddingModel, PrefixEchoModel, prefix_cache
 
     base = _model_for_dtype(loaded.model, config.dtype)
-    module = EchoEmbeddingModel(base, Pooling.parse(config.pooling), config.normalize)
+    pooling = Pooling.parse(config.pooling)
+    if prefix_ids:
+        try:
+            cache = prefix_cache(base, prefix_ids)
+        except (TypeError, AttributeError) as e:
+            raise ExportError(
+                f"{loaded.architecture} gives no key/value cache to bake a prefix from ({e}); "
+                "export without --prefix-reuse"
+            ) from e
+        module = PrefixEchoModel(base, pooling, config.normalize, cache)
+    else:
+        module = EchoEmbeddingModel(base, pooling, config.normalize)
     module.eval()
-    batch = _example_batch(encoder)
+    batch = strip_prefix(_example_batch(encoder), prefix_ids)
     args = tuple(torch.from_numpy(getattr(batch, n)) for n in INPUT_NAMES)
     external = bool(config.external_data) or _param_bytes(base) > PROTOBUF_LIMIT * 0.9
     common = dict(
@@ -323,6 +348,50 @@ def _fuse(
     return info
 
 
+def _prefix(
+    loaded: LoadedModel,
+    config: ExportConfig,
+    encoder: EchoEncoder,
+    model_path: Path,
+    tolerance: float,
+    fusion: FusionInfo,
+    progress: Callable[[str], None],
+) -> PrefixInfo:
+    """The shared-prefix stage (``exporter.prefix``): the fused graph's GroupQueryAttention
+    rewritten, or the prefix module traced; checked against the whole-prompt graph."""
+    from echoembed.exporter.fusion import FusionSettings
+    from echoembed.exporter.prefix import gqa_prefix_stage, prefix_ids_of, traced_prefix_stage
+
+    ids = prefix_ids_of(encoder)
+    settings = FusionSettings(
+        tolerance=tolerance,
+        batch_sizes=config.parity.batch_sizes,
+        texts=config.parity.texts,
+        threads=config.threads,
+    )
+    if fusion.applied:
+        if "GroupQueryAttention" not in fusion.ops:
+            raise ExportError(
+                f"the fused {loaded.architecture} graph has {', '.join(fusion.ops)} but no "
+                "GroupQueryAttention to bake a prefix into; export with --no-fuse --prefix-reuse"
+            )
+        progress(f"baking the {len(ids)}-token prefix into GroupQueryAttention ...")
+        info = gqa_prefix_stage(model_path, encoder, ids, settings)
+    else:
+        progress(f"tracing with the {len(ids)}-token prefix baked in ...")
+
+        def trace(path: Path) -> None:
+            _trace(loaded, config, encoder, path, prefix_ids=ids)
+            _finalize_graph(path, external=bool(config.external_data))
+
+        info = traced_prefix_stage(model_path, encoder, ids, settings, trace)
+    progress(
+        f"prefix {info.text!r} ({len(ids)} tokens, {info.method}): max abs diff vs whole "
+        f"prompts {info.max_abs_diff:.1e}"
+    )
+    return info
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -361,6 +430,7 @@ def _manifest(
     imports: dict[str, int],
     parity,
     fusion: FusionInfo,
+    prefix: PrefixInfo | None,
 ) -> Manifest:
     """The manifest of the artifact being built in ``root`` (every file there is hashed)."""
     default_name, templates = _templates(template)
@@ -391,6 +461,7 @@ def _manifest(
         versions=_versions(),
         parity=parity,
         fusion=fusion,
+        prefix=None if prefix is None else dataclasses.replace(prefix, template=default_name),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -433,14 +504,18 @@ def export(
         if tolerance is None:
             tolerance = arch.parity_tolerance if config.dtype == "fp32" else FP16_TOLERANCE
         fusion = _fuse(loaded, config, encoder, model_path, tolerance, progress)
-        if fusion.applied:
+        prefix = None
+        if config.prefix_reuse:
+            prefix = _prefix(loaded, config, encoder, model_path, tolerance, fusion, progress)
+        if fusion.applied or prefix is not None:
             imports = _graph_imports(model_path)
         progress("checking parity against the PyTorch reference ...")
         parity = check_parity(
             loaded, encoder, model_path, config.parity,
             pooling=config.pooling, tolerance=tolerance, threads=config.threads,
+            prefix_ids=() if prefix is None else prefix.ids,
         )  # fmt: skip
-        manifest = _manifest(loaded, config, template, stage.path, imports, parity, fusion)
+        manifest = _manifest(loaded, config, template, stage.path, imports, parity, fusion, prefix)
         atomic_write(stage.path / MANIFEST_NAME, manifest.to_json())
     progress(f"wrote {out}")
     return Artifact(out, manifest)
@@ -478,6 +553,7 @@ def export_or_reuse(
                 and m.prompt_plans == _plans(loaded, config, templates)
                 and m.fusion is not None
                 and m.fusion.requested == config.fuse
+                and (m.prefix is not None) == config.prefix_reuse
             )
             if same:
                 progress(f"reusing {out} (checksums verified)")

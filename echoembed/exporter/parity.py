@@ -36,14 +36,18 @@ def check_parity(
     pooling: Pooling | str,
     tolerance: float,
     threads: int | None = None,
+    prefix_ids: tuple[int, ...] = (),
 ) -> ParityReport:
-    """Compare the ONNX graph at ``model_path`` with the reference; raise ParityError if over."""
+    """Compare the ONNX graph at ``model_path`` with the reference; raise ParityError if over.
+    ``prefix_ids``: the graph's baked shared prefix (it takes prompts without it; the reference
+    computes whole prompts)."""
     from echoembed.reference import TorchRunner
     from echoembed.runtime.ort import OrtRunner
 
     texts = list(config.texts)
     ref = TorchRunner(loaded.model, Pooling.parse(pooling))
-    ort = OrtRunner(model_path, OUTPUT_NAME, providers=["CPUExecutionProvider"], threads=threads)
+    ort = OrtRunner(model_path, OUTPUT_NAME, providers=["CPUExecutionProvider"], threads=threads,
+                    prefix_ids=prefix_ids)  # fmt: skip
     worst_diff, worst_cos, failures = 0.0, 1.0, []
     for bs in config.batch_sizes:
         for start in range(0, len(texts), bs):

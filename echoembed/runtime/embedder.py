@@ -24,6 +24,7 @@ from echoembed.echo import (
     Runner,
     SpecialTokens,
     Template,
+    check_plan_prefix,
     embed_texts,
     get_template,
 )
@@ -133,7 +134,9 @@ class Embedder:
             if providers is not None:
                 log.warning("%s is a TensorRT engine artifact; providers=%s is ignored", root,
                             providers)  # fmt: skip
-            engine_runner = TensorRTRunner(model_path, manifest.engine, manifest.output_name)
+            engine_runner = TensorRTRunner(
+                model_path, manifest.engine, manifest.output_name, prefix_ids=manifest.prefix_ids
+            )
             return cls(root, manifest, tokenizer, engine_runner)
         runner = OrtRunner(
             model_path,
@@ -141,6 +144,7 @@ class Embedder:
             providers=providers,
             threads=threads,
             allow_fallback=allow_fallback,
+            prefix_ids=manifest.prefix_ids,
         )
         _check_integer_kernels(root, manifest, runner.providers)
         warning = fused_on_gpu_warning(manifest, runner.providers)
@@ -172,7 +176,8 @@ class Embedder:
         self, template: Template | str | None = None, max_length: int | None = None
     ) -> EchoEncoder:
         """The (cached) encoder for ``template``; ``max_length`` (tokens per copy of the text)
-        overrides the artifact's own limit."""
+        overrides the artifact's own limit. With a baked shared prefix (``manifest.prefix``), a
+        template whose prompts do not start with it is an ``InputError`` naming both."""
         tpl = self.template(template)
         max_length = self.manifest.max_length if max_length is None else max_length
         key = (tpl.source, tuple(sorted(tpl.defaults.items())), max_length)
@@ -185,8 +190,19 @@ class Embedder:
                     context_length=self.manifest.context_length,
                 )
                 enc = EchoEncoder(self.tokenizer, self.special, cfg)
+                self._check_prefix(enc)
                 self._encoders[key] = enc
         return enc
+
+    def _check_prefix(self, enc: EchoEncoder) -> None:
+        x = self.manifest.prefix
+        if x is None:
+            return
+
+        def decode(ids) -> str:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+        check_plan_prefix(enc.plan(), x.ids, x.template, x.text, decode)
 
     def encode(
         self,

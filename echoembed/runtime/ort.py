@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from echoembed.artifact import OUTPUT_NAME
-from echoembed.echo import EncodedBatch
+from echoembed.echo import EncodedBatch, strip_prefix
 from echoembed.errors import ArtifactError, BackendError
 from echoembed.runtime.providers import (
     CPU,
@@ -107,11 +107,15 @@ class OrtRunner:
         providers: Sequence[Any] | None = None,
         threads: int | None = None,
         allow_fallback: bool = False,
+        prefix_ids: Sequence[int] = (),
     ):
+        """``prefix_ids``: the shared prefix baked into the graph (``Manifest.prefix_ids``);
+        ``encode`` checks and strips it from every row (``echo.strip_prefix``)."""
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
         self.output_name = output_name
+        self.prefix_ids = tuple(int(i) for i in prefix_ids)
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
@@ -145,6 +149,7 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def encode(self, batch: EncodedBatch) -> np.ndarray:
+        batch = strip_prefix(batch, self.prefix_ids)
         feed = {k: v for k, v in batch.feed().items() if k in self.input_names}
         try:
             return self.session.run([self.output_name], feed)[0]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from echoembed.artifact.engine import EngineInfo, check_engine_compatible, choose_profile
-from echoembed.echo import INPUT_NAMES, EncodedBatch
+from echoembed.echo import INPUT_NAMES, EncodedBatch, strip_prefix
 from echoembed.errors import ArtifactError, BackendError, MissingDependencyError
 
 TENSORRT_HINT = (
@@ -118,9 +118,17 @@ def _np_dtype(trt: Any, dtype: Any) -> np.dtype:
 class TensorRTRunner:
     """Runner over a deserialized TensorRT engine (one execution context; calls serialize)."""
 
-    def __init__(self, plan_path: Path, info: EngineInfo, output_name: str, device: int = 0):
+    def __init__(
+        self,
+        plan_path: Path,
+        info: EngineInfo,
+        output_name: str,
+        device: int = 0,
+        prefix_ids: tuple[int, ...] = (),
+    ):
         trt, cudart = _tensorrt(), _cudart()
         self.info, self.output_name, self.plan_path = info, output_name, Path(plan_path)
+        self.prefix_ids = tuple(prefix_ids)  # baked shared prefix: stripped from every row
         self.device = gpu_device(device)
         check_engine_compatible(info, trt.__version__, self.device.compute_capability)
         cuda_call(cudart.cudaSetDevice(device), "cudaSetDevice")
@@ -155,6 +163,7 @@ class TensorRTRunner:
 
     def encode(self, batch: EncodedBatch) -> np.ndarray:
         cudart = _cudart()
+        batch = strip_prefix(batch, self.prefix_ids)
         feed = batch.feed()
         with self._lock:
             self._set_profile(*batch.input_ids.shape)

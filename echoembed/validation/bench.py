@@ -27,7 +27,7 @@ from echoembed.errors import InputError, MissingDependencyError
 from echoembed.validation.report import MachineInfo, machine_info
 from echoembed.validation.roofline import Peaks, measure_peaks
 from echoembed.validation.sts import read_sts, sts_spearman
-from echoembed.validation.timing import compare_throughput
+from echoembed.validation.timing import Latency, compare_latency, compare_throughput
 from echoembed.validation.validate import new_run_dir
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class BenchConfig:
     runs_dir: Path = Path("runs")
     plot: bool = True
     peaks: bool = True  # measure the matmul peaks for the ONNX rows' roofline figures
+    latency_texts: int = 16  # batch-1 latency over this many texts, each alone (0: skip)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,19 @@ class BenchRow:
     gflop_per_text: float | None = None
     achieved_gops: float | None = None
     peak_fraction: float | None = None
+    latency_ms: float | None = None  # batch 1: median ms per text, each embedded alone
+    latency_vs_reference: float | None = None  # to PyTorch fp32's (lower is faster)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the throughput issue's targets, checked on a bench run."""
+
+    name: str
+    goal: str  # e.g. ">= 1.30x"
+    measured: float | None  # None: a row it needs is missing
+    met: bool
+    row: str  # the variant(s) measured
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,8 @@ class BenchReport:
     max_batch_tokens: int | None = None
     padding_fraction: float | None = None  # of the artifacts' batches on the throughput texts
     peaks: dict[str, float] | None = None  # probe peaks, G(FL)OP/s: fp32, u8s8
+    latency_texts: int = 0
+    targets: tuple[Target, ...] = ()
 
     def to_json(self) -> str:
         import json
@@ -123,6 +139,7 @@ class _Variant:
     file_bytes: int | None = None
     flops_per_token: float | None = None  # ONNX artifacts: weight-GEMM FLOPs per token
     integer: bool = False  # those GEMMs run u8 x s8 kernels
+    prefix_tokens: int = 0  # shared-prefix artifacts: leading tokens per row never computed
 
 
 def _model_bytes(root: Path, model_file: str) -> int:
@@ -178,7 +195,8 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
         emb = Embedder.load(path, providers=config.providers, threads=config.threads)
         fusion = emb.manifest.fusion
         fused = "" if fusion is None else (" fused" if fusion.applied else " unfused")
-        name = f"echoembed {emb.manifest.precision}{fused}"
+        prefix = " prefix" if emb.manifest.prefix is not None else ""
+        name = f"echoembed {emb.manifest.precision}{fused}{prefix}"
         if name in seen:
             name = f"{name} ({Path(path).name})"
         seen.add(name)
@@ -200,6 +218,7 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
                 _model_bytes(Path(path), emb.manifest.model_file),
                 flops.per_token,
                 flops.integer or (q is not None and runs_u8s8(q.settings)),
+                len(emb.manifest.prefix_ids),
             )  # fmt: skip
         )
     return out
@@ -255,14 +274,20 @@ def _embed_and_time(config: BenchConfig, sentences: list[str], skipped: dict[str
             sentences[: config.speed_texts],
             repeats=config.repeats,
         )
-    return variants, embedded, speed
+        latency = {}
+        if config.latency_texts > 0:
+            say(f"batch-1 latency: {config.latency_texts} texts, each alone, round-robin")
+            latency = compare_latency(
+                {v.name: v.time for v in variants}, sentences[: config.latency_texts]
+            )
+    return variants, embedded, speed, latency
 
 
 def _roofline(v: _Variant, tps: float, tokens_per_text: float | None, peaks: Peaks | None):
     """(GFLOP per text, achieved G(FL)OP/s, fraction of the peak) of an ONNX variant."""
     if v.flops_per_token is None or tokens_per_text is None:
         return None, None, None
-    gflop = v.flops_per_token * tokens_per_text / 1e9
+    gflop = v.flops_per_token * (tokens_per_text - v.prefix_tokens) / 1e9
     rate = gflop * tps
     peak = None if peaks is None else (peaks.u8s8_gops if v.integer else peaks.fp32_gflops)
     return gflop, rate, (rate / peak if peak else None)
@@ -276,6 +301,7 @@ def _rows(
     sentences: list[str],
     tokens_per_text: float | None = None,
     peaks: Peaks | None = None,
+    latency: dict[str, Latency] | None = None,
 ) -> list[BenchRow]:
     """One row per variant: cosine to PyTorch fp32, STS Spearman, throughput and size ratios
     (``sentences``: ``data``'s unique sentences, the rows of ``embedded``); ONNX rows also the
@@ -283,6 +309,8 @@ def _rows(
     index = {s: i for i, s in enumerate(sentences)}
     want = embedded["pytorch fp32"]
     base = speed["pytorch fp32"].texts_per_second
+    latency = latency or {}
+    base_ms = latency["pytorch fp32"].median_ms if "pytorch fp32" in latency else None
     fp32_bytes = next(
         (v.file_bytes for v in variants if v.kind == "onnx" and v.precision == "fp32"), None
     )
@@ -294,6 +322,7 @@ def _rows(
         )
         rho = sts_spearman(data, lambda s, got=got: got[[index[x] for x in s]])
         tps = speed[v.name].texts_per_second
+        ms = latency[v.name].median_ms if v.name in latency else None
         rows.append(
             BenchRow(
                 v.name,
@@ -307,6 +336,8 @@ def _rows(
                 tps / base,
                 None if (v.file_bytes is None or not fp32_bytes) else v.file_bytes / fp32_bytes,
                 *_roofline(v, tps, tokens_per_text, peaks),
+                ms,
+                None if ms is None or not base_ms else ms / base_ms,
             )  # fmt: skip
         )
     return rows
@@ -343,7 +374,7 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
     data = read_sts(config.sts, limit=config.limit)
     sentences = data.unique_sentences()
     skipped: dict[str, str] = {}
-    variants, embedded, speed = _embed_and_time(config, sentences, skipped, say)
+    variants, embedded, speed, latency = _embed_and_time(config, sentences, skipped, say)
     batches = artifact_batches(config, sentences[: config.speed_texts])
     peaks = None
     if config.peaks and config.artifacts:
@@ -367,13 +398,16 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
                 sentences,
                 None if batches is None else batches[1],
                 peaks,
+                latency,
             )  # fmt: skip
         ),
         skipped=skipped,
         max_batch_tokens=config.max_batch_tokens,
         padding_fraction=None if batches is None else batches[0],
         peaks=None if peaks is None else {"fp32": peaks.fp32_gflops, "u8s8": peaks.u8s8_gops},
+        latency_texts=config.latency_texts if latency else 0,
     )
+    report = dataclasses.replace(report, targets=check_targets(report))
     run_dir = new_run_dir(Path(config.runs_dir), "bench", Path(config.model).name)
     atomic_write(run_dir / "bench.json", report.to_json())
     atomic_write(run_dir / "bench.md", format_bench(report) + "\n")
@@ -381,6 +415,55 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         plot_bench(report, run_dir / "bench.png")
     say(f"wrote {run_dir}/bench.json, bench.md" + (", bench.png" if config.plot else ""))
     return BenchResult(report, run_dir)
+
+
+def _fastest(rows, keep) -> BenchRow | None:
+    rows = [r for r in rows if keep(r)]
+    return max(rows, key=lambda r: r.texts_per_s) if rows else None
+
+
+def check_targets(report: BenchReport) -> tuple[Target, ...]:
+    """The throughput issue's targets on this run: the fastest fp32 and INT8 ONNX rows against
+    PyTorch fp32 and the optimum-onnx peer; the INT8 speed goal is 3.5x on CPUs with VNNI, 2.5x
+    on those without (``machine.int8_u8s8_saturates``)."""
+    rows = report.rows
+    ref = next((r for r in rows if r.variant == "pytorch fp32"), None)
+    peer = next((r for r in rows if r.kind == "peer"), None)
+    onnx32 = [r for r in rows if r.kind == "onnx" and r.precision == "fp32"]
+    fp32 = _fastest(onnx32, lambda r: True)
+    int8 = _fastest(rows, lambda r: r.kind == "onnx" and r.precision.startswith("int8"))
+    vnni = report.machine.int8_u8s8_saturates is False
+    out: list[Target] = []
+
+    def add(name, goal, value, ok, row):
+        out.append(Target(name, goal, value, bool(value is not None and ok(value)), row))
+
+    def name(*rs):
+        return " / ".join(r.variant for r in rs if r is not None) or "-"
+
+    add("fp32 artifact vs optimum-onnx", ">= 1.30x",
+        fp32.texts_per_s / peer.texts_per_s if fp32 and peer else None, lambda x: x >= 1.3,
+        name(fp32, peer))  # fmt: skip
+    add("fp32 artifact vs PyTorch fp32", ">= 1.60x", fp32.vs_reference if fp32 else None,
+        lambda x: x >= 1.6, name(fp32))  # fmt: skip
+    goal = 3.5 if vnni else 2.5
+    add(f"INT8 artifact vs PyTorch fp32 ({'VNNI' if vnni else 'no VNNI'})", f">= {goal:.2f}x",
+        int8.vs_reference if int8 else None, lambda x: x >= goal, name(int8))  # fmt: skip
+    base = fp32 or ref
+    add("INT8 STS Spearman vs fp32", ">= -1.00 points",
+        int8.sts_spearman - base.sts_spearman if int8 and base else None, lambda x: x >= -1.0,
+        name(int8, base))  # fmt: skip
+    add("INT8 size vs fp32", "<= 0.45x", int8.size_vs_fp32 if int8 else None,
+        lambda x: x <= 0.45, name(int8))  # fmt: skip
+    add("INT8 batch-1 latency vs PyTorch fp32", "<= 0.25x",
+        int8.latency_vs_reference if int8 else None, lambda x: x <= 0.25, name(int8))  # fmt: skip
+    add("padding of the artifacts' batches", "< 10%",
+        None if report.padding_fraction is None else 100 * report.padding_fraction,
+        lambda x: x < 10.0, "echoembed artifacts")  # fmt: skip
+    add("fp32 artifacts' min cosine vs PyTorch fp32", ">= 0.99999",
+        min(r.min_cosine for r in onnx32) if onnx32 else None, lambda x: x >= 0.99999,
+        name(*onnx32))  # fmt: skip
+    return tuple(out)
 
 
 def format_bench(report: BenchReport) -> str:
@@ -422,6 +505,25 @@ def format_bench(report: BenchReport) -> str:
             f"\npadding: {100 * report.padding_fraction:.1f}% of the echoembed artifacts' batch "
             f"tokens (length-sorted batches of {report.batch_size}{budget})"
         )
+    timed = [r for r in report.rows if r.latency_ms is not None]
+    if timed:
+        lines += [
+            "",
+            f"batch-1 latency: median over {report.latency_texts} texts, each embedded alone",
+            "",
+            "| variant | ms per text | vs PyTorch fp32 |",
+            "|---|---|---|",
+        ]
+        for r in timed:
+            rel = "-" if r.latency_vs_reference is None else f"{r.latency_vs_reference:.2f}x"
+            lines.append(f"| {r.variant} | {r.latency_ms:.1f} | {rel} |")
+    if report.targets:
+        lines += ["", "targets (issue 14)", "", "| target | goal | measured | met | rows |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for t in report.targets:
+            value = "-" if t.measured is None else f"{t.measured:.5g}"
+            met = "yes" if t.met else ("no row" if t.measured is None else "NO")
+            lines.append(f"| {t.name} | {t.goal} | {value} | {met} | {t.row} |")
     for name, why in report.skipped.items():
         lines.append(f"\nskipped {name}: {why}")
     return "\n".join(lines)

@@ -8,6 +8,10 @@
 // pool_mask exactly as echoembed.echo does, runs the artifact's graph with ONNX Runtime and
 // prints one line of space-separated floats per input line (L2-normalized, %.9g), in input
 // order. --ids prints "ids<TAB>pool flags<TAB>truncated" per line instead of running the model.
+// A prefix-reuse artifact (manifest "prefix", format 5) has its template's constant leading ids
+// baked into the graph: each assembled prompt is checked to start with them and fed without them
+// (--ids still prints the whole prompt, as `Embedder.encoder().encode_ids` gives it); a template
+// whose prompts do not start with them is refused.
 // Errors go to stderr with exit status 2 (bad input or artifact) or 1 (ONNX Runtime failed).
 #include <onnxruntime_cxx_api.h>
 
@@ -31,7 +35,9 @@
 
 namespace {
 
-constexpr int kNewestFormat = 4;  // 4 added the fusion record (nothing for this program to do)
+// 4 added the fusion record (nothing for this program to do); 5 added "prefix", the shared
+// prefix baked into the graph, which this program checks and strips from every prompt.
+constexpr int kNewestFormat = 5;
 // onnxruntime-extensions wants a tokenizer_config.json beside tokenizer.json; tokenizer.json
 // holds the whole pipeline, so the generic fast-tokenizer class is all it needs.
 constexpr const char* kTokenizerConfig = R"({"tokenizer_class": "PreTrainedTokenizerFast"})";
@@ -114,10 +120,31 @@ bool is_file(const std::string& p) {
 struct Artifact {
   nlohmann::json manifest;
   echo::PromptPlan plan;
+  std::optional<echo::Prefix> prefix;  // baked shared prefix: the graph takes prompts without it
   std::string model_path;
   std::string tokenizer_path;
   std::string output_name;
 };
+
+// A template other than the baked one is accepted when its constant leading ids begin with the
+// baked ones (the prefix's keys and values depend on those tokens only): echo.check_plan_prefix.
+void check_plan_prefix(const echo::PromptPlan& plan, const echo::Prefix& prefix) {
+  const auto lead = echo::leading_fixed_ids(plan);
+  if (echo::starts_with(lead, prefix.ids)) return;
+  const auto ids = [](const std::vector<int64_t>& v) {
+    std::string s;
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? " " : "") + std::to_string(v[i]);
+    return "[" + s + "]";
+  };
+  throw UserError("template " + plan.template_name + " starts with " + ids(lead) + " (" +
+                  std::to_string(lead.size()) +
+                  " constant tokens), but this artifact has the prefix of template " +
+                  prefix.template_name + " baked in ('" + prefix.text + "', " +
+                  std::to_string(prefix.ids.size()) + " tokens " + ids(prefix.ids) +
+                  "): use --template " + prefix.template_name +
+                  " (or one starting with the same text), or re-export without --prefix-reuse "
+                  "to serve any template");
+}
 
 Artifact open_artifact(const Options& o) {
   const std::string& root = o.artifact;
@@ -161,9 +188,15 @@ Artifact open_artifact(const Options& o) {
                               : "unknown template " + name + "; this artifact has: " + known);
     }
     a.plan = echo::parse_plan(*found);
+    a.prefix = echo::parse_prefix(m);
+    if (a.prefix) check_plan_prefix(a.plan, *a.prefix);
     a.model_path = root + "/" + m.at("model_file").get<std::string>();
     a.output_name = m.at("outputs").at(0).at("name").get<std::string>();
   } catch (const nlohmann::json::exception& e) {
+    throw UserError(mpath + ": malformed manifest (" + e.what() + "); re-export the artifact");
+  } catch (const UserError&) {
+    throw;
+  } catch (const std::runtime_error& e) {
     throw UserError(mpath + ": malformed manifest (" + e.what() + "); re-export the artifact");
   }
   a.tokenizer_path = root + "/tokenizer.json";
@@ -273,6 +306,19 @@ std::vector<echo::Row> encode_rows(const echo::PromptPlan& plan, const Tokenizer
   return rows;
 }
 
+// The rows as the graph takes them: without the baked prefix, if the artifact has one.
+std::vector<echo::Row> graph_rows(const Artifact& a, std::vector<echo::Row> rows) {
+  if (!a.prefix) return rows;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    try {
+      rows[i] = echo::strip_prefix(rows[i], *a.prefix, "stdin:" + std::to_string(i + 1));
+    } catch (const std::runtime_error& e) {
+      throw UserError(e.what());
+    }
+  }
+  return rows;
+}
+
 std::string join(const std::vector<int64_t>& v) {
   std::string s;
   for (size_t i = 0; i < v.size(); ++i) s += (i ? " " : "") + std::to_string(v[i]);
@@ -375,7 +421,7 @@ int run(const Options& o) {
   double best = 1e300;
   for (int rep = 0; rep < o.repeat; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
-    emb = embed(model, a.plan, encode_rows(a.plan, tok, lines), o);
+    emb = embed(model, a.plan, graph_rows(a, encode_rows(a.plan, tok, lines)), o);
     const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
     best = std::min(best, dt.count());
   }

@@ -1,5 +1,6 @@
 // The manifest's prompt plans (echoembed.echo.plan.PromptPlan) and the prompt assembly that
-// echoembed.echo.encode does with them: per-piece max_length, then the context water fill.
+// echoembed.echo.encode does with them: per-piece max_length, then the context water fill; and
+// the baked shared prefix of a format-5 artifact (echoembed.echo.prefix).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -137,6 +138,69 @@ inline Row assemble(const PromptPlan& plan, const std::vector<std::vector<int64_
     row.pool.insert(row.pool.end(), pieces[i].size(), plan.pieces[i].pooled ? 1 : 0);
   }
   return row;
+}
+
+// The shared prefix baked into a prefix-reuse artifact (manifest "prefix", format 5): the graph
+// takes every prompt without these leading ids.
+struct Prefix {
+  std::string template_name;  // the template it was taken from
+  std::string text;           // the prefix decoded, for messages
+  std::vector<int64_t> ids;
+};
+
+// The manifest's "prefix": null (or absent, formats 1-4) -> nullopt.
+inline std::optional<Prefix> parse_prefix(const nlohmann::json& manifest) {
+  const auto it = manifest.find("prefix");
+  if (it == manifest.end() || it->is_null()) return std::nullopt;
+  Prefix p;
+  p.template_name = it->at("template").get<std::string>();
+  p.text = it->at("text").get<std::string>();
+  p.ids = it->at("ids").get<std::vector<int64_t>>();
+  if (p.ids.empty()) throw std::runtime_error("the manifest's prefix has no ids");
+  return p;
+}
+
+// The ids every prompt of `plan` starts with: its leading fixed, uncapped, unpooled pieces
+// (echo.leading_fixed_ids).
+inline std::vector<int64_t> leading_fixed_ids(const PromptPlan& plan) {
+  std::vector<int64_t> out;
+  for (const auto& p : plan.pieces) {
+    if (p.has_text || p.capped || p.pooled) break;
+    out.insert(out.end(), p.ids.begin(), p.ids.end());
+  }
+  return out;
+}
+
+inline bool starts_with(const std::vector<int64_t>& v, const std::vector<int64_t>& head) {
+  return v.size() >= head.size() && std::equal(head.begin(), head.end(), v.begin());
+}
+
+// `row` without the prefix, as the graph takes it (echo.strip_prefix): the row must start with
+// the prefix ids, pool none of them and keep at least one token after them. `label` names the
+// row in errors.
+inline Row strip_prefix(const Row& row, const Prefix& prefix, const std::string& label) {
+  const size_t n = prefix.ids.size();
+  const bool pooled = row.pool.size() >= n &&
+                      std::any_of(row.pool.begin(), row.pool.begin() + static_cast<long>(n),
+                                  [](int64_t f) { return f != 0; });
+  if (!starts_with(row.ids, prefix.ids) || row.ids.size() == n || pooled) {
+    std::string start;
+    for (size_t i = 0; i < std::min(n, row.ids.size()); ++i)
+      start += (i ? " " : "") + std::to_string(row.ids[i]);
+    std::string want;
+    for (size_t i = 0; i < n; ++i) want += (i ? " " : "") + std::to_string(prefix.ids[i]);
+    throw std::runtime_error(
+        label + ": the prompt does not start with the " + std::to_string(n) +
+        " prefix ids baked into this artifact ([" + want + "], template " +
+        prefix.template_name + "; the prompt starts [" + start +
+        "]), or pools them or has nothing after them: embed it with template " +
+        prefix.template_name + ", or re-export the artifact without --prefix-reuse");
+  }
+  Row out;
+  out.ids.assign(row.ids.begin() + static_cast<long>(n), row.ids.end());
+  out.pool.assign(row.pool.begin() + static_cast<long>(n), row.pool.end());
+  out.truncated = row.truncated;
+  return out;
 }
 
 }  // namespace echo

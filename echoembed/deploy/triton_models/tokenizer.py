@@ -3,6 +3,9 @@
 ``text`` (BYTES [batch, 1]) and an optional ``template`` (BYTES [batch, 1]: a name the artifact
 knows, or empty for its default) -> ``input_ids``, ``attention_mask``, ``pool_mask`` (INT64
 [batch, seq], right-padded), encoded by ``echoembed.echo`` exactly as ``Embedder.encode`` does.
+With the ``strip_prefix`` parameter ``"true"`` (a prefix-reuse artifact served by a graph encoder,
+``onnxruntime`` or ``tensorrt``) the outputs are the prompts without the prefix baked into the
+graph (``echo.strip_prefix`` with the manifest's ``prefix_ids``), as that graph takes them.
 A request the caller can fix gets its own INVALID_ARG error; the rest of its batch is served.
 """
 
@@ -14,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 import echoembed
 from echoembed.deploy.models import TextLimits, TextModel, model_artifact_dir, model_parameters
+from echoembed.echo import strip_prefix
 from echoembed.errors import UserError
 
 
@@ -35,6 +39,9 @@ class TritonPythonModel:
             custom_templates=params.get("custom_templates", "false") == "true",
         )
         self.model = TextModel(model_artifact_dir(args), limits)
+        # the ids echo_encoder's graph does not take (() when it takes whole prompts)
+        strip = params.get("strip_prefix", "false") == "true"
+        self.prefix_ids = self.model.manifest.prefix_ids if strip else ()
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -43,6 +50,7 @@ class TritonPythonModel:
                 text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
                 tpl = pb_utils.get_input_tensor_by_name(request, "template")
                 batch = self.model.encode(text, None if tpl is None else tpl.as_numpy())
+                batch = strip_prefix(batch, self.prefix_ids)
                 outputs = [pb_utils.Tensor(k, v) for k, v in batch.feed().items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except UserError as e:
