@@ -11,6 +11,7 @@ same model exported to an ONNX artifact and run by the torch-free runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class DemoConfig:
     artifact: str | os.PathLike[str] | None = "artifacts/smollm2-echo"  # None: skip the runtime
     speed_repeats: int = 3
     quantize: tuple[str, ...] = ("int8-dynamic", "int4-hqq")  # recipes next to the artifact
+    # a shared-prefix export of the same model (ExportConfig(prefix_reuse=True)) beside the
+    # artifact as <artifact>-prefix, and these recipes of it (<artifact>-prefix-<recipe>); None:
+    # no prefix artifact
+    prefix_quantize: tuple[str, ...] | None = ("int8-dynamic",)
     calibration: str | os.PathLike[str] | None = None  # None: texts shipped with echoembed
 
 
@@ -157,6 +162,18 @@ def check_runtime(ref, pairs: list[DemoPair], config: DemoConfig, progress) -> R
             artifact.path, target, recipe_from_name(recipe), options, progress
         )
         built.append((f"onnx {recipe}", q, q_reused))
+    if config.prefix_quantize is not None:
+        target = artifact.path.with_name(f"{artifact.path.name}-prefix")
+        prefix_config = dataclasses.replace(export_config, prefix_reuse=True)
+        progress(f"exporting with the shared prefix baked in ({target}) ...")
+        pa, p_reused = export_or_reuse(ref.loaded, target, prefix_config, progress)
+        built.append(("onnx fp32 prefix", pa, p_reused))
+        for recipe in config.prefix_quantize:
+            qt = pa.path.with_name(f"{pa.path.name}-{recipe}")
+            progress(f"quantizing to {recipe} ({qt}) ...")
+            q, q_reused = quantize_or_reuse(pa.path, qt, recipe_from_name(recipe), options,
+                                            progress)  # fmt: skip
+            built.append((f"onnx {recipe} prefix", q, q_reused))
     texts = list(dict.fromkeys([p.sentence1 for p in pairs] + [p.sentence2 for p in pairs]))
     bs = config.batch_size
     want = ref.encode(texts, "echo", pooling=config.pooling, batch_size=bs)
@@ -242,12 +259,12 @@ def _format_runtime(rt: RuntimeCheck) -> list[str]:
     lines += [
         "",
         "  artifacts vs the PyTorch fp32 reference (same texts, same run):",
-        f"  {'variant':<20} {'file MB':>8} {'size':>6} {'mean cos':>9} {'min cos':>9} "
+        f"  {'variant':<25} {'file MB':>8} {'size':>6} {'mean cos':>9} {'min cos':>9} "
         f"{'texts/s':>8} {'vs PyTorch':>10}",
     ]
     for v in rt.variants:
         lines.append(
-            f"  {v.name:<20} {v.file_mb:8.1f} {v.file_mb / fp32_mb:5.2f}x "
+            f"  {v.name:<25} {v.file_mb:8.1f} {v.file_mb / fp32_mb:5.2f}x "
             f"{v.mean_cosine:9.5f} {v.min_cosine:9.5f} {v.texts_per_s:8.1f} "
             f"{v.texts_per_s / rt.reference_texts_per_s:9.2f}x"
             + ("  (reused)" if v.reused else "")

@@ -205,6 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         threads=args.threads,
         artifact=None if args.no_runtime else args.artifact,
         quantize=tuple(args.quantize),
+        prefix_quantize=None if args.no_prefix else ("int8-dynamic",),
         calibration=args.calibration,
     )
     result = run_demo(config, progress=_progress)
@@ -571,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="recipes to quantize the artifact with and compare (none: skip)",
     )
     p.add_argument("--calibration", default=None, help="calibration texts for --quantize")
+    p.add_argument(
+        "--no-prefix",
+        action="store_true",
+        help="skip the shared-prefix artifact (<artifact>-prefix and its int8-dynamic)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

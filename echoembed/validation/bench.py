@@ -37,6 +37,8 @@ DEMO_ARTIFACTS = (
     Path("artifacts/smollm2-echo"),
     Path("artifacts/smollm2-echo-int8-dynamic"),
     Path("artifacts/smollm2-echo-int4-hqq"),
+    Path("artifacts/smollm2-echo-prefix"),
+    Path("artifacts/smollm2-echo-prefix-int8-dynamic"),
 )
 BENCH_SCHEMA = 1
 
@@ -369,7 +371,8 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
     if missing:
         raise InputError(
             f"artifact directories not found: {', '.join(missing)}; run `make demo` (it writes "
-            "artifacts/smollm2-echo, -int8-dynamic and -int4-hqq) or pass --artifacts"
+            "artifacts/smollm2-echo, -int8-dynamic, -int4-hqq, -prefix and "
+            "-prefix-int8-dynamic) or pass --artifacts"
         )
     data = read_sts(config.sts, limit=config.limit)
     sentences = data.unique_sentences()
