@@ -63,6 +63,16 @@ def tiny_artifact(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama exported with shared-prefix reuse (echo, 7 baked ids; the traced route:
+    head size 8 is not fused), for the consumers' tests (C++, tokenize, Triton)."""
+    from echoembed.exporter import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("tiny-prefix") / "artifact"
+    return export(tiny_llama_dir, out, ExportConfig(prefix_reuse=True))
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs_gpt2_artifact(tmp_path_factory, smollm2_tokenizer):
     """A tiny GPT-2 artifact (Gemm layers, no gated MLP)."""
     from echoembed.exporter import ExportConfig, export

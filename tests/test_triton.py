@@ -66,21 +66,9 @@ def repo(smollm2_artifact, tmp_path_factory) -> Path:
 PREFIX_SUFFIX = "_prefix"
 
 
-def _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir):
-    """The tiny Llama exported with prefix reuse, once per session: test_cpp, test_tokenize and
-    test_triton share it by its path under the session's base temporary directory."""
-    from echoembed.artifact import Artifact, read_manifest
-    from echoembed.exporter import ExportConfig, export
-
-    out = tmp_path_factory.getbasetemp() / "tiny-prefix-artifact"
-    if (out / "manifest.json").is_file():
-        return Artifact(out, read_manifest(out))
-    return export(tiny_llama_dir, out, ExportConfig(prefix_reuse=True))
-
-
 @pytest.fixture(scope="module")
-def prefix_artifact(tmp_path_factory, tiny_llama_dir):
-    art = _tiny_prefix_artifact(tmp_path_factory, tiny_llama_dir)
+def prefix_artifact(tiny_prefix_artifact):
+    art = tiny_prefix_artifact
     assert len(art.manifest.prefix_ids) == 7
     return art
 

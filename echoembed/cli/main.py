@@ -266,6 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bnb=tuple(args.bnb),
         peer=args.peer,
         speed_texts=args.speed_texts,
+        latency_texts=args.latency_texts,
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
         repeats=args.repeats,
@@ -648,7 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer", choices=["auto", "on", "off"], default="auto",
         help="optimum-onnx peer from `make bench-peers` (auto: when it is installed)",
     )  # fmt: skip
-    p.add_argument("--speed-texts", type=int, default=128, help="texts timed per repeat")
+    p.add_argument("--speed-texts", type=int, default=256, help="texts timed per repeat")
+    p.add_argument(
+        "--latency-texts", type=int, default=64, help="texts timed alone, batch-1 latency (0: skip)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--max-batch-tokens", type=int, default=None,

@@ -29,7 +29,7 @@ import numpy as np
 from echoembed.artifact import OUTPUT_NAME, PrefixInfo
 from echoembed.echo import EchoEncoder, l2_normalize, leading_fixed_ids
 from echoembed.errors import ExportError, require
-from echoembed.exporter.fusion import FusionSettings
+from echoembed.exporter.fusion import FusionSettings, _const
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +124,6 @@ def _capture(model_path: Path, prefix_ids: tuple[int, ...], work: Path, threads:
         f.unlink()
     return {(i, j): np.ascontiguousarray(o, dtype=np.float32)
             for (i, j, _), o in zip(wanted, outs, strict=True)}  # fmt: skip
-
-
-def _const(graph, name: str, array: np.ndarray):
-    import onnx_ir as ir
-
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _position_range(value, depth: int = 0):
@@ -248,6 +235,16 @@ def rewrite_gqa_prefix(model, captured: dict, p: int) -> int:
     return len(nodes)
 
 
+def _info(encoder: EchoEncoder, ids: tuple[int, ...], method: str, diff: float) -> PrefixInfo:
+    return PrefixInfo(
+        template=encoder.config.template.name,
+        text=prefix_text(encoder, ids),
+        ids=ids,
+        method=method,
+        max_abs_diff=diff,
+    )
+
+
 def _swap_in(model_path: Path, work: Path) -> None:
     """Replace the graph at ``model_path`` (and its data file) by the one built in ``work``."""
     for f in list(model_path.parent.iterdir()):
@@ -287,13 +284,7 @@ def gqa_prefix_stage(
         _swap_in(model_path, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return PrefixInfo(
-        template=encoder.config.template.name,
-        text=prefix_text(encoder, prefix_ids),
-        ids=prefix_ids,
-        method="gqa-capture",
-        max_abs_diff=diff,
-    )
+    return _info(encoder, prefix_ids, "gqa-capture", diff)
 
 
 def traced_prefix_stage(
@@ -316,10 +307,4 @@ def traced_prefix_stage(
         _swap_in(model_path, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return PrefixInfo(
-        template=encoder.config.template.name,
-        text=prefix_text(encoder, prefix_ids),
-        ids=prefix_ids,
-        method="torch-cache",
-        max_abs_diff=diff,
-    )
+    return _info(encoder, prefix_ids, "torch-cache", diff)
