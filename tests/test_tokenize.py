@@ -141,7 +141,7 @@ def test_prefix_artifact_json_rows_and_wrong_template(prefix_artifact, texts_fil
     whole = Embedder.load(prefix_artifact.path, session=False).encoder().encode_ids(texts)
     assert [(prefix + r["ids"], [0] * len(prefix) + r["pool"], r["truncated"])
             for r in doc["rows"]] == [tuple(r) for r in whole]  # fmt: skip
-    capsys.readouterr()
+    assert f"without the {len(prefix)} baked prefix tokens" in capsys.readouterr().out
     assert main(["tokenize", art, "-i", str(path), "-o", str(tmp_path / "q.json"),
                  "--template", "query"]) == 2  # fmt: skip
     err = capsys.readouterr().err

@@ -296,8 +296,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from echoembed.deploy.tokenize import tokenize_file
 
     r = tokenize_file(args.artifact, args.input, args.output, args.template, args.max_length)
+    baked = f", without the {r.prefix} baked prefix tokens" if r.prefix else ""
     print(
-        f"wrote {r.texts} prompts ({r.template} template, longest {r.width} tokens, "
+        f"wrote {r.texts} prompts ({r.template} template, longest {r.width} tokens{baked}, "
         f"{r.truncated} truncated) to {r.path}"
     )
     return 0
