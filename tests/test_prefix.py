@@ -290,3 +290,16 @@ def test_cli_export_prefix_reuse(tiny_dirs, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "prefix           7 tokens of template 'echo'" in text and "torch-cache" in text
+
+
+def test_fp16_export_uses_the_traced_route(tiny_dirs, tmp_path):
+    """fp16 graphs are never fused: the prefix's fp16 cache is traced in, within fp16's tolerance
+    of the whole prompt."""
+    from echoembed.reference import ReferenceEmbedder
+
+    ref = ReferenceEmbedder.load(str(tiny_dirs["llama"]))
+    art = export(ref.loaded, tmp_path / "h", ExportConfig(dtype="fp16", prefix_reuse=True))
+    assert art.manifest.prefix.method == "torch-cache" and art.manifest.precision == "fp16"
+    texts = _sentences(12, step=9)
+    got = Embedder.load(art.path).encode(texts)
+    assert _min_cosine(got, ref.encode(texts)) > 0.999

@@ -492,6 +492,10 @@ def export(
         loaded.special,
         EncoderConfig(template, max_length=config.max_length, context_length=loaded.context_length),
     )
+    if config.prefix_reuse:  # refuse a template without constant leading tokens before tracing
+        from echoembed.exporter.prefix import prefix_ids_of
+
+        prefix_ids_of(encoder)
     with staged_dir(out, force=config.force) as stage:
         model_path = stage.path / MODEL_FILE
         progress(
