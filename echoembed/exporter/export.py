@@ -352,6 +352,7 @@ def _prefix(
     loaded: LoadedModel,
     config: ExportConfig,
     encoder: EchoEncoder,
+    ids: tuple[int, ...],
     model_path: Path,
     tolerance: float,
     fusion: FusionInfo,
@@ -360,9 +361,8 @@ def _prefix(
     """The shared-prefix stage (``exporter.prefix``): the fused graph's GroupQueryAttention
     rewritten, or the prefix module traced; checked against the whole-prompt graph."""
     from echoembed.exporter.fusion import FusionSettings
-    from echoembed.exporter.prefix import gqa_prefix_stage, prefix_ids_of, traced_prefix_stage
+    from echoembed.exporter.prefix import gqa_prefix_stage, traced_prefix_stage
 
-    ids = prefix_ids_of(encoder)
     settings = FusionSettings(
         tolerance=tolerance,
         batch_sizes=config.parity.batch_sizes,
@@ -492,10 +492,11 @@ def export(
         loaded.special,
         EncoderConfig(template, max_length=config.max_length, context_length=loaded.context_length),
     )
+    prefix_ids: tuple[int, ...] = ()
     if config.prefix_reuse:  # refuse a template without constant leading tokens before tracing
         from echoembed.exporter.prefix import prefix_ids_of
 
-        prefix_ids_of(encoder)
+        prefix_ids = prefix_ids_of(encoder)
     with staged_dir(out, force=config.force) as stage:
         model_path = stage.path / MODEL_FILE
         progress(
@@ -510,7 +511,9 @@ def export(
         fusion = _fuse(loaded, config, encoder, model_path, tolerance, progress)
         prefix = None
         if config.prefix_reuse:
-            prefix = _prefix(loaded, config, encoder, model_path, tolerance, fusion, progress)
+            prefix = _prefix(
+                loaded, config, encoder, prefix_ids, model_path, tolerance, fusion, progress
+            )
         if fusion.applied or prefix is not None:
             imports = _graph_imports(model_path)
         progress("checking parity against the PyTorch reference ...")
