@@ -42,17 +42,18 @@ def test_bench_tiny_model_side_by_side(tiny_llama_dir, tiny_artifact, tmp_path):
     # the machine block keeps its keys (no providers: bench names no single session)
     assert set(data["machine"]) == {
         "platform", "processor", "cpu_model", "int8_u8s8_saturates", "cpu_count", "python",
-        "onnxruntime",
+        "onnxruntime", "cpu_id",
     }  # fmt: skip
     assert data["machine"]["cpu_count"] == result.report.machine.cpu_count
     assert "| echoembed fp32 unfused |" in (run / "bench.md").read_text()
+    assert (run / "bench.md").read_text().startswith("CPU: ")  # every figure names its CPU
     assert data["max_batch_tokens"] == 256 and 0.0 <= data["padding_fraction"] < 1.0
     assert "at most 256 padded tokens each" in (run / "bench.md").read_text()
     assert (run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".*tmp*"))
     # roofline: the tiny Llama's weight GEMMs (validation.roofline) at the measured rate
     peaks = data["peaks"]
-    assert peaks["fp32"] > 0 and peaks["u8s8"] > 0
+    assert peaks["fp32"] > 0 and peaks["u8s8"] > 0 and peaks["u8u8"] > 0
     assert onnx.gflop_per_text > 0 and ref.gflop_per_text is None
     assert onnx.achieved_gops == pytest.approx(onnx.gflop_per_text * onnx.texts_per_s)
     assert onnx.peak_fraction == pytest.approx(onnx.achieved_gops / peaks["fp32"])
@@ -117,6 +118,33 @@ def test_targets_pass_and_fail_on_their_goals():
     }  # fmt: skip
 
 
+def test_bench_text_names_the_cpu_and_flags_a_disturbed_probe():
+    """bench.md starts with the CPU; a row above the probe's peak (the probe ran under load) is
+    called out instead of printed as a plausible fraction."""
+    from echoembed.validation.bench import BenchReport, BenchRow, format_bench
+    from echoembed.validation.report import MachineInfo
+
+    machine = MachineInfo("Linux", "x86_64", "AMD EPYC", True, 2, "3.11", "1.32.0",
+                          cpu_id="AuthenticAMD family 25 model 1; has avx2")  # fmt: skip
+    rows = (
+        BenchRow("pytorch fp32", "pytorch", "fp32", None, 1.0, 1.0, 58.0, 10.0, 1.0),
+        BenchRow("echoembed int8-dynamic", "onnx", "int8-dynamic", 1, 0.99, 0.98, 57.0, 30.0,
+                 3.0, 0.41, gflop_per_text=5.5, achieved_gops=165.0, peak_fraction=1.34),
+        BenchRow("echoembed fp32", "onnx", "fp32", 1, 1.0, 1.0, 58.0, 20.0, 2.0, 1.0,
+                 gflop_per_text=5.5, achieved_gops=110.0, peak_fraction=0.8),
+    )  # fmt: skip
+    peaks = {"fp32": 137.5, "u8s8": 123.0, "u8u8": 100.0}
+    text = format_bench(BenchReport("x", machine, "sts.tsv", 4, 8, 8, 32, 1, rows, peaks=peaks))
+    assert text.startswith("CPU: AMD EPYC (AuthenticAMD family 25 model 1; has avx2), 2 cores")
+    assert "u8 x s8 123 GOP/s, u8 x u8 100 GOP/s" in text
+    assert "| echoembed int8-dynamic | 5.50 | 165 | 134% |" in text
+    warning = next(line for line in text.splitlines() if line.startswith("warning:"))
+    assert "echoembed int8-dynamic ran above" in warning and "echoembed fp32" not in warning
+    quiet = format_bench(BenchReport("x", machine, "sts.tsv", 4, 8, 8, 32, 1, rows[::2],
+                                     peaks={"fp32": 137.5, "u8s8": 300.0}))  # fmt: skip
+    assert "warning:" not in quiet and "u8 x u8" not in quiet  # older reports: no u8u8 peak
+
+
 def test_graph_flops_counts_every_weight_gemm(tiny_artifact, tmp_path):
     """Tiny Llama (hidden 32, 4 heads of 8, 2 kv heads, MLP 64, 2 layers): 2*K*N per token over
     q 32x32, k 32x16, v 32x16, o 32x32, gate/up 32x64, down 64x32; the same after INT8."""
@@ -130,11 +158,14 @@ def test_graph_flops_counts_every_weight_gemm(tiny_artifact, tmp_path):
 
     want = 2 * 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 2 * 32 * 64 + 64 * 32)
     f = graph_flops(tiny_artifact.model_path)
-    assert f.per_token == want and not f.integer
+    assert f.per_token == want and not f.integer and f.kernel == "fp32"
     opts = QuantizeOptions(calibration=CalibrationConfig(samples=8, batch_size=4))
-    q = quantize(tiny_artifact.path, tmp_path / "q", Int8DynamicConfig(), opts)
+    q = quantize(tiny_artifact.path, tmp_path / "q", Int8DynamicConfig(weights="int8"), opts)
     f8 = graph_flops(q.model_path)
-    assert f8.per_token == want and f8.integer
+    assert f8.per_token == want and f8.integer and f8.kernel == "u8s8"
+    u = quantize(tiny_artifact.path, tmp_path / "u", Int8DynamicConfig(weights="uint8"), opts)
+    fu = graph_flops(u.model_path)  # u8 x u8 kernels: their own (lower) peak applies
+    assert fu.per_token == want and fu.kernel == "u8u8"
 
 
 def test_bench_refuses_missing_artifacts_and_bad_peer(tmp_path):

@@ -504,9 +504,14 @@ def test_reduce_range_follows_the_cpu(tmp_path, monkeypatch):
         fake("x86_64", "avx2 avx_vnni")
         assert not cpu.u8s8_saturates()
         assert cpu.cpu_model() == "Test CPU 9"
+        assert cpu.cpu_id() == (
+            "has avx2 avx_vnni; lacks avx512f avx512_vnni avx512_bf16 amx_int8"
+        )  # no vendor, family or model lines in this fake cpuinfo
+        info.write_text("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n")
+        assert cpu.cpu_id() == "AuthenticAMD family 25 model 1"  # no flags line
         fake("x86_64", None)  # flags unreadable: assume the worst
         assert cpu.u8s8_saturates()
-        assert cpu.cpu_model() is None
+        assert cpu.cpu_model() is None and cpu.cpu_id() is None
         fake("aarch64", None)
         assert not cpu.u8s8_saturates()
         hqq = Int4WeightOnlyConfig()

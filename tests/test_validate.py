@@ -203,11 +203,12 @@ def test_classifiers_separate_clusters_and_fail_on_noise(classifier):
 
 MACHINE = MachineInfo(
     platform="Linux-x86_64", processor="x86_64", cpu_model="AMD EPYC", int8_u8s8_saturates=False,
-    cpu_count=2, python="3.11.7", onnxruntime="1.32.0", providers=("CPUExecutionProvider",),
+    cpu_count=2, python="3.11.7", onnxruntime="1.32.0", cpu_id="AuthenticAMD family 25 model 1",
+    providers=("CPUExecutionProvider",),
 )  # fmt: skip
 MACHINE_KEYS = {
     "platform", "processor", "cpu_model", "int8_u8s8_saturates", "cpu_count", "python",
-    "onnxruntime",
+    "onnxruntime", "cpu_id",
 }  # fmt: skip
 
 
@@ -259,10 +260,11 @@ def test_machine_info_keeps_the_report_keys():
     bare = dataclasses.replace(MACHINE, providers=None)
     assert set(bare.to_dict()) == MACHINE_KEYS  # no providers key, as before
     assert MachineInfo.from_dict(bare.to_dict()) == bare
-    # reports from before cpu_model and int8_u8s8_saturates existed still read
-    old = {k: v for k, v in bare.to_dict().items() if k not in ("cpu_model", "int8_u8s8_saturates")}
+    # reports from before cpu_model, int8_u8s8_saturates and cpu_id existed still read
+    new_keys = ("cpu_model", "int8_u8s8_saturates", "cpu_id")
+    old = {k: v for k, v in bare.to_dict().items() if k not in new_keys}
     assert MachineInfo.from_dict(old) == dataclasses.replace(
-        bare, cpu_model=None, int8_u8s8_saturates=None
+        bare, cpu_model=None, int8_u8s8_saturates=None, cpu_id=None
     )
     with pytest.raises(TypeError):
         MachineInfo.from_dict({**old, "gpu": "none"})
@@ -280,6 +282,7 @@ def test_budget_takes_the_worst_drop():
     assert check_budget(scores, 0.71).passed
     text = format_report(_report(drop=0.7, budget=b))
     assert "budget: FAIL" in text and "| sts | stsb/test | spearman | echo | 10 | 58.00 |" in text
+    assert "CPU: AMD EPYC (AuthenticAMD family 25 model 1), 2 cores; onnxruntime 1.32.0" in text
     with pytest.raises(InputError, match="needs task scores"):
         check_budget(scores[1:], 0.5)
 

@@ -43,6 +43,28 @@ def cpu_model() -> str | None:
     return _cpuinfo_value("model name")
 
 
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_id() -> str | None:
+    """Vendor, family, model and the SIMD flags that choose ONNX Runtime's and PyTorch's kernels,
+    e.g. ``AuthenticAMD family 25 model 1; has avx2; lacks avx512f avx512_vnni ...``: under KVM
+    the model name alone ("AMD EPYC") names CPUs of different generations. None where unknown."""
+    keys = [("", "vendor_id"), ("family ", "cpu family"), ("model ", "model")]
+    head = " ".join(f"{label}{v}" for label, key in keys if (v := _cpuinfo_value(key)) is not None)
+    flags = cpu_flags()
+    if flags is None:
+        return head or None
+    has = [f for f in KERNEL_FLAGS if f in flags]
+    lacks = [f for f in KERNEL_FLAGS if f not in flags]
+    tail = "; ".join(
+        part
+        for part in (has and "has " + " ".join(has), lacks and "lacks " + " ".join(lacks))
+        if part
+    )
+    return f"{head}; {tail}" if head else tail
+
+
 def cpu_flags() -> frozenset[str] | None:
     """The first processor's flags, or None where /proc/cpuinfo is not readable (not Linux)."""
     flags = _cpuinfo_value("flags")

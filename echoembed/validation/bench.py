@@ -24,7 +24,7 @@ import numpy as np
 
 from echoembed.artifact.writer import atomic_write
 from echoembed.errors import InputError, MissingDependencyError
-from echoembed.validation.report import MachineInfo, machine_info
+from echoembed.validation.report import MachineInfo, describe_machine, machine_info
 from echoembed.validation.roofline import Peaks, measure_peaks
 from echoembed.validation.sts import read_sts, sts_spearman
 from echoembed.validation.timing import Latency, compare_latency, compare_throughput
@@ -117,7 +117,7 @@ class BenchReport:
     schema: int = BENCH_SCHEMA
     max_batch_tokens: int | None = None
     padding_fraction: float | None = None  # of the artifacts' batches on the throughput texts
-    peaks: dict[str, float] | None = None  # probe peaks, G(FL)OP/s: fp32, u8s8
+    peaks: dict[str, float] | None = None  # probe peaks, G(FL)OP/s: fp32, u8s8 (and u8u8)
     latency_texts: int = 0
     targets: tuple[Target, ...] = ()
 
@@ -144,7 +144,7 @@ class _Variant:
     time: Callable[[Sequence[str]], object]
     file_bytes: int | None = None
     flops_per_token: float | None = None  # ONNX artifacts: weight-GEMM FLOPs per token
-    integer: bool = False  # those GEMMs run u8 x s8 kernels
+    kernel: str = "fp32"  # the kernels those GEMMs run: fp32, u8s8 or u8u8 (roofline peaks)
     prefix_tokens: int = 0  # shared-prefix artifacts: leading tokens per row never computed
 
 
@@ -223,7 +223,9 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
                 run,
                 _model_bytes(Path(path), emb.manifest.model_file),
                 flops.per_token,
-                flops.integer or (q is not None and runs_u8s8(q.settings)),
+                "u8s8"
+                if flops.kernel == "fp32" and q is not None and runs_u8s8(q.settings)
+                else flops.kernel,
                 len(emb.manifest.prefix_ids),
             )  # fmt: skip
         )
@@ -295,7 +297,7 @@ def _roofline(v: _Variant, tps: float, tokens_per_text: float | None, peaks: Pea
         return None, None, None
     gflop = v.flops_per_token * (tokens_per_text - v.prefix_tokens) / 1e9
     rate = gflop * tps
-    peak = None if peaks is None else (peaks.u8s8_gops if v.integer else peaks.fp32_gflops)
+    peak = None if peaks is None else peaks.for_kernel(v.kernel)
     return gflop, rate, (rate / peak if peak else None)
 
 
@@ -385,7 +387,7 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
     batches = artifact_batches(config, sentences[: config.speed_texts])
     peaks = None
     if config.peaks and config.artifacts:
-        say("measuring this CPU's matmul peaks (fp32, u8 x s8) with ONNX Runtime")
+        say("measuring this CPU's matmul peaks (fp32, u8 x s8, u8 x u8) with ONNX Runtime")
         peaks = measure_peaks(config.threads)
     report = BenchReport(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -411,7 +413,9 @@ def run_bench(config: BenchConfig | None = None, progress: Progress | None = Non
         skipped=skipped,
         max_batch_tokens=config.max_batch_tokens,
         padding_fraction=None if batches is None else batches[0],
-        peaks=None if peaks is None else {"fp32": peaks.fp32_gflops, "u8s8": peaks.u8s8_gops},
+        peaks=None
+        if peaks is None
+        else {"fp32": peaks.fp32_gflops, "u8s8": peaks.u8s8_gops, "u8u8": peaks.u8u8_gops},
         latency_texts=config.latency_texts if latency else 0,
     )
     report = dataclasses.replace(report, targets=check_targets(report))
@@ -475,6 +479,7 @@ def check_targets(report: BenchReport) -> tuple[Target, ...]:
 
 def format_bench(report: BenchReport) -> str:
     lines = [
+        describe_machine(report.machine),
         f"STS: {report.sts} ({report.pairs} pairs, {report.sentences} sentences); throughput: "
         f"{report.speed_texts} texts, batch {report.batch_size}, median of {report.repeats} "
         "interleaved repeats",
@@ -495,7 +500,12 @@ def format_bench(report: BenchReport) -> str:
         lines += [
             "",
             f"roofline (weight GEMMs, padding included): probe peaks on this CPU fp32 "
-            f"{report.peaks['fp32']:.0f} GFLOP/s, u8 x s8 {report.peaks['u8s8']:.0f} GOP/s",
+            f"{report.peaks['fp32']:.0f} GFLOP/s, u8 x s8 {report.peaks['u8s8']:.0f} GOP/s"
+            + (
+                f", u8 x u8 {report.peaks['u8u8']:.0f} GOP/s"
+                if report.peaks.get("u8u8") is not None
+                else ""
+            ),
             "",
             "| variant | GFLOP/text | achieved G(FL)OP/s | of peak |",
             "|---|---|---|---|",
@@ -504,6 +514,13 @@ def format_bench(report: BenchReport) -> str:
             frac = "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%"
             lines.append(
                 f"| {r.variant} | {r.gflop_per_text:.2f} | {r.achieved_gops:.0f} | {frac} |"
+            )
+        over = [r.variant for r in roof if r.peak_fraction is not None and r.peak_fraction > 1.0]
+        if over:
+            lines.append(
+                f"\nwarning: {', '.join(over)} ran above the probe's peak: the probe was slowed "
+                "by other load on this machine, so these fractions are not meaningful; rerun "
+                "the bench on a quieter machine"
             )
     if report.padding_fraction is not None:
         cap = report.max_batch_tokens
@@ -571,9 +588,11 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel(f"throughput, texts/s (batch {report.batch_size})")
     ax.set_ylabel("STS-B Spearman x100 (echo, mean pooling)")
+    m = report.machine
+    vnni = {True: " (no VNNI)", False: " (VNNI)"}.get(m.int8_u8s8_saturates, "")
     ax.set_title(
-        f"echo embeddings, accuracy vs throughput\n{report.machine.processor}, "
-        f"{report.machine.cpu_count} cores, {report.sentences} sentences",
+        f"echo embeddings, accuracy vs throughput\n{m.cpu_model or m.processor}{vnni}, "
+        f"{m.cpu_count} cores, {report.sentences} sentences",
         fontsize=10,
     )
     ax.grid(alpha=0.3)

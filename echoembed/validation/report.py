@@ -30,6 +30,7 @@ class MachineInfo:
     cpu_count: int | None
     python: str
     onnxruntime: str
+    cpu_id: str | None = None  # vendor, family, model, kernel flags (``runtime.cpu.cpu_id``)
     providers: tuple[str, ...] | None = None  # the artifact session's; omitted from JSON when None
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,19 +44,29 @@ class MachineInfo:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MachineInfo:
-        """Read ``to_dict``'s object back; reports written before ``cpu_model`` and
-        ``int8_u8s8_saturates`` existed read as None there. Unknown keys raise TypeError."""
-        d = {"cpu_model": None, "int8_u8s8_saturates": None, **data}
+        """Read ``to_dict``'s object back; reports written before ``cpu_model``,
+        ``int8_u8s8_saturates`` and ``cpu_id`` existed read as None there. Unknown keys raise
+        TypeError."""
+        d = {"cpu_model": None, "int8_u8s8_saturates": None, "cpu_id": None, **data}
         if d.get("providers") is not None:
             d["providers"] = tuple(d["providers"])
         return cls(**d)
+
+
+def describe_machine(m: MachineInfo) -> str:
+    """One line naming where a report was measured (every published figure names its CPU)."""
+    cpu = m.cpu_model or m.processor
+    if m.cpu_id:
+        cpu += f" ({m.cpu_id})"
+    cores = "" if m.cpu_count is None else f", {m.cpu_count} cores"
+    return f"CPU: {cpu}{cores}; onnxruntime {m.onnxruntime}, Python {m.python}"
 
 
 def machine_info(providers: Sequence[str] | None = None) -> MachineInfo:
     """This machine, now (imports onnxruntime for its version)."""
     import onnxruntime as ort
 
-    from echoembed.runtime.cpu import cpu_model, u8s8_saturates
+    from echoembed.runtime.cpu import cpu_id, cpu_model, u8s8_saturates
 
     return MachineInfo(
         platform=platform.platform(),
@@ -65,6 +76,7 @@ def machine_info(providers: Sequence[str] | None = None) -> MachineInfo:
         cpu_count=os.cpu_count(),
         python=platform.python_version(),
         onnxruntime=ort.__version__,
+        cpu_id=cpu_id(),
         providers=None if providers is None else tuple(providers),
     )
 
@@ -179,7 +191,10 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 def format_report(report: ValidationReport) -> str:
     """Markdown tables: agreement, task scores side by side, latency, budget."""
-    lines = [f"artifact {report.artifact} ({report.precision}); reference {report.reference}"]
+    lines = [
+        f"artifact {report.artifact} ({report.precision}); reference {report.reference}",
+        describe_machine(report.machine),
+    ]
     a = report.agreement
     if a is not None:
         lines.append(
