@@ -32,7 +32,7 @@ from echoembed.calibration import (
 )
 from echoembed.calibration.quantize import quantize_or_reuse
 from echoembed.runtime import Embedder
-from echoembed.runtime.cpu import cpu_flags, cpu_model, u8s8_saturates
+from echoembed.runtime.cpu import VNNI_FLAGS, cpu_flags, cpu_id, cpu_model, u8s8_saturates
 from echoembed.validation.sts import read_sts, sts_spearman
 from echoembed.validation.timing import compare_latency, compare_throughput
 
@@ -96,8 +96,8 @@ def main() -> int:
 
     flags = cpu_flags() or frozenset()
     print(
-        f"CPU: {cpu_model()} ({platform.machine()}); VNNI: "
-        f"{sorted(flags & {'avx512_vnni', 'avx_vnni', 'amx_int8'}) or 'none'}; "
+        f"CPU: {cpu_model()} ({platform.machine()}; {cpu_id()}); VNNI: "
+        f"{sorted(flags & VNNI_FLAGS) or 'none'}; "
         f"AVX2: {'avx2' in flags}; u8 x s8 saturates here: {u8s8_saturates()}"
     )
     data = read_sts(args.sts, limit=args.pairs)
@@ -166,8 +166,9 @@ def main() -> int:
     if args.out is not None:
         report = dict(
             cpu=cpu_model(),
+            cpu_id=cpu_id(),
             machine=platform.machine(),
-            flags_vnni=sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+            flags_vnni=sorted(flags & VNNI_FLAGS),
             avx2="avx2" in flags,
             pairs=len(data),
             rows=rows,

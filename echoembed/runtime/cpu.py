@@ -52,17 +52,13 @@ def cpu_id() -> str | None:
     the model name alone ("AMD EPYC") names CPUs of different generations. None where unknown."""
     keys = [("", "vendor_id"), ("family ", "cpu family"), ("model ", "model")]
     head = " ".join(f"{label}{v}" for label, key in keys if (v := _cpuinfo_value(key)) is not None)
+    parts = [head] if head else []
     flags = cpu_flags()
-    if flags is None:
-        return head or None
-    has = [f for f in KERNEL_FLAGS if f in flags]
-    lacks = [f for f in KERNEL_FLAGS if f not in flags]
-    tail = "; ".join(
-        part
-        for part in (has and "has " + " ".join(has), lacks and "lacks " + " ".join(lacks))
-        if part
-    )
-    return f"{head}; {tail}" if head else tail
+    if flags is not None:
+        has = " ".join(f for f in KERNEL_FLAGS if f in flags)
+        lacks = " ".join(f for f in KERNEL_FLAGS if f not in flags)
+        parts += [f"{word} {names}" for word, names in (("has", has), ("lacks", lacks)) if names]
+    return "; ".join(parts) or None
 
 
 def cpu_flags() -> frozenset[str] | None:
