@@ -99,8 +99,10 @@ def test_stage_on_every_architecture(model_type, tiny16, tmp_path):
         assert f is not None and f.requested
         if EXPECTED[model_type] is True:
             assert f.applied and f.reason == "" and f.requires_right_padding
-            assert f.ops["GroupQueryAttention"] == ops["GroupQueryAttention"] == 2
-            assert f.ops["SkipSimplifiedLayerNormalization"] == 4
+            # the last step: GroupQueryAttention -> RotaryEmbedding x2 + ONNX Attention-23
+            assert f.ops["Attention"] == ops["Attention"] == 2 and "GroupQueryAttention" not in ops
+            assert f.ops["RotaryEmbedding"] == ops["RotaryEmbedding"] == 4
+            assert f.ops["SkipSimplifiedLayerNormalization"] == 4 and art.manifest.opset == 23
             assert f.nodes_after < f.nodes_before and f.max_abs_diff < 1e-4
             plain = export(
                 tiny16[model_type], tmp_path / f"{pooling}-plain",
@@ -140,8 +142,60 @@ def test_fusion_record_round_trips_and_reuse_follows_the_flag(fused_llama, tiny1
     assert not reused and first.manifest.fusion.applied
     _, reused = export_or_reuse(loaded, target)
     assert reused
+    gqa, reused = export_or_reuse(loaded, target, ExportConfig(onnx_attention=False))
+    assert not reused and gqa.manifest.fusion.ops["GroupQueryAttention"] == 2
+    _, reused = export_or_reuse(loaded, target, ExportConfig(onnx_attention=False))
+    assert reused
     again, reused = export_or_reuse(loaded, target, ExportConfig(fuse=False))
     assert not reused and not again.manifest.fusion.applied
+
+
+def test_gqa_kept_on_request_equals_onnx_attention(fused_llama, tiny16, tmp_path):
+    """``onnx_attention=False`` keeps GroupQueryAttention (opset 18); both graphs embed alike."""
+    gqa = export(tiny16["llama"], tmp_path / "g", ExportConfig(onnx_attention=False))
+    ops = _ops(gqa.model_path)
+    assert ops["GroupQueryAttention"] == 2 and "Attention" not in ops and gqa.manifest.opset == 18
+    assert "Attention-23" not in gqa.manifest.fusion.tool
+    assert "Attention-23" in fused_llama.manifest.fusion.tool
+    texts = _sts_sentences(24)
+    got = Embedder.load(fused_llama.path).encode(texts, batch_size=8)
+    want = Embedder.load(gqa.path).encode(texts, batch_size=8)
+    assert float((got * want).sum(axis=1).min()) >= 0.99999
+
+
+def test_onnx_attention_refuses_what_it_cannot_rewrite_exactly():
+    """A GroupQueryAttention node with a local window, or whose present keys are read, has no
+    exact causal ONNX Attention form: the rewrite refuses and leaves the graph as it was."""
+    import onnx_ir as ir
+
+    from echoembed.exporter.fusion import FusionNotApplied, to_onnx_attention
+
+    def graph(attributes: dict, read_present: bool):
+        x = [ir.Value(name=n) for n in ("q", "k", "v")]
+        node = ir.node("GroupQueryAttention", x, attributes=attributes, domain="com.microsoft",
+                       num_outputs=3, name="attn")  # fmt: skip
+        outs = [node.outputs[0]]
+        nodes = [node]
+        if read_present:
+            ident = ir.node("Identity", [node.outputs[1]], name="reads_present")
+            nodes.append(ident)
+            outs.append(ident.outputs[0])
+        return ir.Model(ir.Graph(x, outs, nodes=nodes, opset_imports={"": 18}), ir_version=10)
+
+    heads = {"num_heads": 4, "kv_num_heads": 2}
+    for attributes, read, reason in (
+        ({**heads, "local_window_size": 8}, False, "local attention window"),
+        (heads, True, "present keys/values are used"),
+        ({**heads, "softcap": 30.0}, False, "softcap"),
+    ):
+        model = graph(attributes, read)
+        with pytest.raises(FusionNotApplied, match=reason):
+            to_onnx_attention(model)
+        assert [n.op_type for n in model.graph][0] == "GroupQueryAttention"
+        assert model.opset_imports[""] == 18
+    model = graph(heads, False)
+    assert to_onnx_attention(model) == 1
+    assert [n.op_type for n in model.graph] == ["Attention"] and model.opset_imports[""] == 23
 
 
 @pytest.mark.parametrize(
@@ -153,7 +207,7 @@ def test_quantizers_work_on_the_fused_graph(fused_llama, config, tmp_path):
     art = quantize(fused_llama.path, tmp_path / config.recipe, config, SMALL)
     q = art.manifest.quantization
     ops = _ops(art.model_path)
-    assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
+    assert ops["Attention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
     if config.recipe.startswith("int8"):
         groups = [s for s in q.smoothed if "+" in s]
         assert len(groups) == 4, q.smoothed  # 2 norm-fed groups per layer
@@ -166,14 +220,15 @@ def test_quantizers_work_on_the_fused_graph(fused_llama, config, tmp_path):
 def test_real_model_is_fused_and_exact(
     smollm2_artifact, smollm2_unfused_artifact, smollm2_reference
 ):
-    """SmolLM2: GroupQueryAttention in all 30 layers, RMSNorm fused; on 96 STS-B test sentences
-    in padded batches of 16 the fused graph equals the unfused one and the PyTorch reference."""
+    """SmolLM2: attention fused in all 30 layers (GroupQueryAttention, then RotaryEmbedding + ONNX
+    Attention), RMSNorm fused; on 96 STS-B test sentences in padded batches of 16 the fused
+    graph equals the unfused one and the PyTorch reference."""
     f = smollm2_artifact.manifest.fusion
-    assert f.applied and f.ops["GroupQueryAttention"] == 30
+    assert f.applied and f.ops["Attention"] == 30 and f.ops["RotaryEmbedding"] == 60
     assert f.ops["SkipSimplifiedLayerNormalization"] == 60
     assert f.nodes_before > 2000 and f.nodes_after < 500  # measured: 2,186 -> 426
     ops = _ops(smollm2_artifact.model_path)
-    assert ops["GroupQueryAttention"] == 30 and "Softmax" not in ops
+    assert ops["Attention"] == 30 and "GroupQueryAttention" not in ops and "Softmax" not in ops
     texts = _sts_sentences(96)
     fused = Embedder.load(smollm2_artifact.path).encode(texts, batch_size=16)
     plain = Embedder.load(smollm2_unfused_artifact.path).encode(texts, batch_size=16)

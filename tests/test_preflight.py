@@ -181,7 +181,7 @@ def test_the_fused_real_model_fails_naming_no_fuse(smollm2_artifact):
     assert not report.passed
     ops = {p.op for p in report.problems}
     assert {
-        "com.microsoft:GroupQueryAttention",
+        "com.microsoft:RotaryEmbedding",
         "com.microsoft:SkipSimplifiedLayerNormalization",
     } <= ops
     assert all("--no-fuse" in p.fix for p in report.problems), format_report(report)

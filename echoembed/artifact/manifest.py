@@ -120,7 +120,9 @@ class FusionInfo:
     applied: bool
     reason: str  # why it was not applied ("" when it was)
     tool: str  # e.g. "onnxscript 0.7.2 optimize_for_ort"
-    ops: dict[str, int] = field(default_factory=dict)  # fused contrib op -> count in the graph
+    # fused op -> count in the graph: ORT contrib ops, and ONNX ``Attention`` (opset 23) where
+    # the last step rewrote GroupQueryAttention (exporter.fusion.to_onnx_attention)
+    ops: dict[str, int] = field(default_factory=dict)
     nodes_before: int = 0
     nodes_after: int = 0
     max_abs_diff: float | None = None  # fused vs unfused graph, normalized embeddings

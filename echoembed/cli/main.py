@@ -106,6 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         threads=args.threads,
         fuse=not args.no_fuse,
         prefix_reuse=args.prefix_reuse,
+        onnx_attention=not args.gqa,
     )
     artifact = export(args.model, args.out, config, progress=_progress)
     print(describe(artifact.manifest))
@@ -441,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the unfused graph (for TensorRT; by default ONNX Runtime's fused attention, "
         "rotary and RMSNorm kernels go in where they apply)",
+    )
+    p.add_argument(
+        "--gqa",
+        action="store_true",
+        help="keep ONNX Runtime's GroupQueryAttention in the fused graph (by default it becomes "
+        "RotaryEmbedding + the ONNX Attention op, opset 23: faster on ONNX Runtime's CPU)",
     )
     p.add_argument(
         "--prefix-reuse",

@@ -86,6 +86,9 @@ class ExportConfig:
     # the graph (its inputs are then prompts without them; only templates starting with the
     # same tokens can use the artifact)
     prefix_reuse: bool = False
+    # the fused graph's GroupQueryAttention rewritten as RotaryEmbedding + ONNX Attention
+    # (opset 23), faster on ONNX Runtime's CPU provider (exporter.fusion); False keeps GQA
+    onnx_attention: bool = True
 
 
 def _check_config(config: ExportConfig) -> Template:
@@ -392,6 +395,42 @@ def _prefix(
     return info
 
 
+def _onnx_attention(
+    config: ExportConfig,
+    encoder: EchoEncoder,
+    model_path: Path,
+    tolerance: float,
+    fusion: FusionInfo,
+    prefix: PrefixInfo | None,
+    progress: Callable[[str], None],
+) -> FusionInfo:
+    """The fused graph's last step (``exporter.fusion.onnx_attention_stage``); returns the
+    fusion record with the graph's final ops."""
+    from echoembed.exporter.fusion import FusionSettings, graph_ops, onnx_attention_stage
+
+    if not (fusion.applied and config.onnx_attention and "GroupQueryAttention" in fusion.ops):
+        return fusion
+    progress("rewriting GroupQueryAttention as RotaryEmbedding + ONNX Attention (opset 23) ...")
+    settings = FusionSettings(
+        tolerance=tolerance,
+        batch_sizes=config.parity.batch_sizes,
+        texts=config.parity.texts,
+        threads=config.threads,
+    )
+    done = onnx_attention_stage(model_path, encoder, settings, () if prefix is None else prefix.ids)
+    if isinstance(done, str):
+        progress(f"GroupQueryAttention kept: {done}")
+        return fusion
+    n, diff = done
+    progress(f"ONNX Attention in {n} layers (max abs diff vs GroupQueryAttention {diff:.1e})")
+    return dataclasses.replace(
+        fusion,
+        ops=graph_ops(model_path),
+        tool=f"{fusion.tool}; GroupQueryAttention -> RotaryEmbedding + Attention-23",
+        max_abs_diff=(fusion.max_abs_diff or 0.0) + diff,  # a bound on fused vs unfused
+    )
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -514,6 +553,7 @@ def export(
             prefix = _prefix(
                 loaded, config, encoder, prefix_ids, model_path, tolerance, fusion, progress
             )
+        fusion = _onnx_attention(config, encoder, model_path, tolerance, fusion, prefix, progress)
         if fusion.applied or prefix is not None:
             imports = _graph_imports(model_path)
         progress("checking parity against the PyTorch reference ...")
@@ -560,6 +600,7 @@ def export_or_reuse(
                 and m.prompt_plans == _plans(loaded, config, templates)
                 and m.fusion is not None
                 and m.fusion.requested == config.fuse
+                and (not m.fusion.applied or ("Attention" in m.fusion.ops) == config.onnx_attention)
                 and (m.prefix is not None) == config.prefix_reuse
             )
             if same:
