@@ -307,6 +307,18 @@ def _num_layers(loaded: LoadedModel) -> int:
     return n
 
 
+def _fusion_settings(config: ExportConfig, tolerance: float):
+    """What the fused, prefix and attention stages check their graphs with."""
+    from echoembed.exporter.fusion import FusionSettings
+
+    return FusionSettings(
+        tolerance=tolerance,
+        batch_sizes=config.parity.batch_sizes,
+        texts=config.parity.texts,
+        threads=config.threads,
+    )
+
+
 def _fuse(
     loaded: LoadedModel,
     config: ExportConfig,
@@ -317,7 +329,6 @@ def _fuse(
 ) -> FusionInfo:
     """The fused stage where it applies (``exporter.fusion``), else the recorded reason."""
     from echoembed.exporter.fusion import (
-        FusionSettings,
         fuse_stage,
         not_applied,
         sliding_window_reason,
@@ -333,12 +344,7 @@ def _fuse(
         progress(f"not fused: {reason}")
         return not_applied(reason)
     progress("fusing attention, rotary and RMSNorm for ONNX Runtime ...")
-    settings = FusionSettings(
-        tolerance=tolerance,
-        batch_sizes=config.parity.batch_sizes,
-        texts=config.parity.texts,
-        threads=config.threads,
-    )
+    settings = _fusion_settings(config, tolerance)
     info = fuse_stage(model_path, encoder, _num_layers(loaded), settings)
     if info.applied:
         progress(
@@ -363,15 +369,9 @@ def _prefix(
 ) -> PrefixInfo:
     """The shared-prefix stage (``exporter.prefix``): the fused graph's GroupQueryAttention
     rewritten, or the prefix module traced; checked against the whole-prompt graph."""
-    from echoembed.exporter.fusion import FusionSettings
     from echoembed.exporter.prefix import gqa_prefix_stage, traced_prefix_stage
 
-    settings = FusionSettings(
-        tolerance=tolerance,
-        batch_sizes=config.parity.batch_sizes,
-        texts=config.parity.texts,
-        threads=config.threads,
-    )
+    settings = _fusion_settings(config, tolerance)
     if fusion.applied:
         if "GroupQueryAttention" not in fusion.ops:
             raise ExportError(
@@ -406,17 +406,12 @@ def _onnx_attention(
 ) -> FusionInfo:
     """The fused graph's last step (``exporter.fusion.onnx_attention_stage``); returns the
     fusion record with the graph's final ops."""
-    from echoembed.exporter.fusion import FusionSettings, graph_ops, onnx_attention_stage
+    from echoembed.exporter.fusion import graph_ops, onnx_attention_stage
 
     if not (fusion.applied and config.onnx_attention and "GroupQueryAttention" in fusion.ops):
         return fusion
     progress("rewriting GroupQueryAttention as RotaryEmbedding + ONNX Attention (opset 23) ...")
-    settings = FusionSettings(
-        tolerance=tolerance,
-        batch_sizes=config.parity.batch_sizes,
-        texts=config.parity.texts,
-        threads=config.threads,
-    )
+    settings = _fusion_settings(config, tolerance)
     done = onnx_attention_stage(model_path, encoder, settings, () if prefix is None else prefix.ids)
     if isinstance(done, str):
         progress(f"GroupQueryAttention kept: {done}")

@@ -336,40 +336,46 @@ def _compare(
     return worst
 
 
+def _rewrite_and_check(model_path: Path, work: Path, rewrite, compare):
+    """Load the graph at ``model_path``, apply ``rewrite(model)`` (its result is returned), save
+    the result in ``work``, run ``compare(model_path, new_path)`` and, once both succeed, move the
+    new graph (and its data file) over the old one. ``FusionNotApplied`` from either leaves the
+    old graph in place."""
+    import onnx_ir as ir
+
+    model = ir.load(str(model_path))
+    external = any(f.name.startswith(model_path.name + ".") for f in model_path.parent.iterdir())
+    result = rewrite(model)
+    out = work / model_path.name
+    ir.save(model, str(out), external_data=(model_path.name + ".data") if external else None)
+    del model
+    checked = compare(model_path, out)
+    for f in list(model_path.parent.iterdir()):
+        if f.is_file() and f.name.startswith(model_path.name):
+            f.unlink()
+    for f in work.iterdir():
+        f.rename(model_path.parent / f.name)
+    return result, checked
+
+
 def fuse_stage(
     model_path: Path, encoder: EchoEncoder, num_layers: int, settings: FusionSettings
 ) -> FusionInfo:
     """Fuse the graph at ``model_path`` in place when the stage applies and checks out; the
     unfused graph stays otherwise. Returns what was done (or why not)."""
     require("onnxscript", "export")
-    import onnx_ir as ir
-
     work = model_path.parent / ".fusion"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        model = ir.load(str(model_path))
-        external = any(
-            f.name.startswith(model_path.name + ".") for f in model_path.parent.iterdir()
-        )
         try:
-            ops, before, after = fuse_model(model, num_layers)
-        except FusionNotApplied as e:
-            log.info("fusion not applied: %s", e)
-            return not_applied(str(e))
-        fused = work / model_path.name
-        ir.save(model, str(fused), external_data=(model_path.name + ".data") if external else None)
-        del model
-        try:
-            diff = _compare(model_path, fused, encoder, settings)
+            (ops, before, after), diff = _rewrite_and_check(
+                model_path, work, lambda m: fuse_model(m, num_layers),
+                lambda old, new: _compare(old, new, encoder, settings),
+            )  # fmt: skip
         except FusionNotApplied as e:
             log.warning("fusion not applied: %s", e)
             return not_applied(str(e))
-        for f in list(model_path.parent.iterdir()):
-            if f.is_file() and f.name.startswith(model_path.name):
-                f.unlink()
-        for f in work.iterdir():
-            f.rename(model_path.parent / f.name)
         return FusionInfo(
             requested=True,
             applied=True,
@@ -475,36 +481,23 @@ def onnx_attention_stage(
     checks out against the GroupQueryAttention graph; returns (nodes rewritten, max abs diff),
     or why the GroupQueryAttention graph stays."""
     require("onnxscript", "export")
-    import onnx_ir as ir
-
     work = model_path.parent / ".attention"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    try:
-        model = ir.load(str(model_path))
-        external = any(
-            f.name.startswith(model_path.name + ".") for f in model_path.parent.iterdir()
-        )
-        try:
-            n = to_onnx_attention(model)
-        except FusionNotApplied as e:
-            log.info("GroupQueryAttention kept: %s", e)
-            return str(e)
+
+    def rewrite(model) -> int:
+        n = to_onnx_attention(model)
         if not n:
-            return "the graph has no GroupQueryAttention"
-        out = work / model_path.name
-        ir.save(model, str(out), external_data=(model_path.name + ".data") if external else None)
-        del model
-        try:
-            diff = _compare(model_path, out, encoder, settings, prefix_ids)
-        except FusionNotApplied as e:
-            log.warning("GroupQueryAttention kept: %s", e)
-            return str(e)
-        for f in list(model_path.parent.iterdir()):
-            if f.is_file() and f.name.startswith(model_path.name):
-                f.unlink()
-        for f in work.iterdir():
-            f.rename(model_path.parent / f.name)
-        return n, diff
+            raise FusionNotApplied("the graph has no GroupQueryAttention")
+        return n
+
+    try:
+        return _rewrite_and_check(
+            model_path, work, rewrite,
+            lambda old, new: _compare(old, new, encoder, settings, prefix_ids),
+        )  # fmt: skip
+    except FusionNotApplied as e:
+        log.warning("GroupQueryAttention kept: %s", e)
+        return str(e)
     finally:
         shutil.rmtree(work, ignore_errors=True)
