@@ -201,6 +201,8 @@ def _artifact_variants(config: BenchConfig) -> list[_Variant]:
         emb = Embedder.load(path, providers=config.providers, threads=config.threads)
         fusion = emb.manifest.fusion
         fused = "" if fusion is None else (" fused" if fusion.applied else " unfused")
+        if fusion is not None and fusion.applied and "Attention" in fusion.ops:
+            fused += "+onnx-attn"  # GroupQueryAttention rewritten as ONNX Attention (opset 23)
         prefix = " prefix" if emb.manifest.prefix is not None else ""
         name = f"echoembed {emb.manifest.precision}{fused}{prefix}"
         if name in seen:
