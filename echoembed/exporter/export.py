@@ -418,9 +418,11 @@ def _onnx_attention(
         return fusion
     n, diff = done
     progress(f"ONNX Attention in {n} layers (max abs diff vs GroupQueryAttention {diff:.1e})")
+    ops, nodes = graph_ops(model_path)
     return dataclasses.replace(
         fusion,
-        ops=graph_ops(model_path),
+        ops=ops,
+        nodes_after=nodes,
         tool=f"{fusion.tool}; GroupQueryAttention -> RotaryEmbedding + Attention-23",
         max_abs_diff=(fusion.max_abs_diff or 0.0) + diff,  # a bound on fused vs unfused
     )

@@ -458,8 +458,9 @@ def to_onnx_attention(model) -> int:
     return len(nodes)
 
 
-def graph_ops(model_path: Path) -> dict[str, int]:
-    """The fused ops in the saved graph at ``model_path`` (contrib ops and ONNX ``Attention``)."""
+def graph_ops(model_path: Path) -> tuple[dict[str, int], int]:
+    """The fused ops in the saved graph at ``model_path`` (contrib ops and ONNX ``Attention``),
+    and its node count."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -468,7 +469,7 @@ def graph_ops(model_path: Path) -> dict[str, int]:
         if (n.domain == "com.microsoft" and n.op_type in FUSED_OPS)
         or (n.domain in ("", "ai.onnx") and n.op_type in FUSED_OPS + ("Attention",))
     )  # fmt: skip
-    return dict(sorted(ops.items()))
+    return dict(sorted(ops.items())), len(model.graph.node)
 
 
 def onnx_attention_stage(
