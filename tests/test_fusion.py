@@ -226,7 +226,7 @@ def test_real_model_is_fused_and_exact(
     f = smollm2_artifact.manifest.fusion
     assert f.applied and f.ops["Attention"] == 30 and f.ops["RotaryEmbedding"] == 60
     assert f.ops["SkipSimplifiedLayerNormalization"] == 60
-    assert f.nodes_before > 2000 and f.nodes_after < 500  # measured: 2,186 -> 426 -> 475 (ONNX Attention)
+    assert f.nodes_before > 2000 and f.nodes_after < 500  # measured: 2,186 -> 426 -> 475
     ops = _ops(smollm2_artifact.model_path)
     assert ops["Attention"] == 30 and "GroupQueryAttention" not in ops and "Softmax" not in ops
     texts = _sts_sentences(96)
