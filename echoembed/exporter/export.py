@@ -406,7 +406,7 @@ def _onnx_attention(
 ) -> FusionInfo:
     """The fused graph's last step (``exporter.fusion.onnx_attention_stage``); returns the
     fusion record with the graph's final ops."""
-    from echoembed.exporter.fusion import graph_ops, onnx_attention_stage
+    from echoembed.exporter.fusion import onnx_attention_stage
 
     if not (fusion.applied and config.onnx_attention and "GroupQueryAttention" in fusion.ops):
         return fusion
@@ -416,9 +416,8 @@ def _onnx_attention(
     if isinstance(done, str):
         progress(f"GroupQueryAttention kept: {done}")
         return fusion
-    n, diff = done
+    (n, ops, nodes), diff = done
     progress(f"ONNX Attention in {n} layers (max abs diff vs GroupQueryAttention {diff:.1e})")
-    ops, nodes = graph_ops(model_path)
     return dataclasses.replace(
         fusion,
         ops=ops,

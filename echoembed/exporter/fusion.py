@@ -267,6 +267,17 @@ def sliding_window_reason(config) -> str | None:
     )
 
 
+def fused_op_counts(graph) -> dict[str, int]:
+    """{op: count} of the fused ops in ``graph`` (an ``onnx_ir`` graph): the contrib ops this
+    stage knows and ONNX ``Attention``, sorted by name."""
+    ops = collections.Counter(
+        n.op_type for n in graph
+        if (n.domain == "com.microsoft" and n.op_type in FUSED_OPS)
+        or (n.domain in ("", "ai.onnx") and n.op_type in FUSED_OPS + ("Attention",))
+    )  # fmt: skip
+    return dict(sorted(ops.items()))
+
+
 def fuse_model(model, num_layers: int) -> tuple[dict[str, int], int, int]:
     """Apply the fusions to ``model`` (an ``onnx_ir`` model) in place; returns (fused op counts,
     nodes before, nodes after). Raises ``FusionNotApplied`` with the reason when the result is not
@@ -282,8 +293,8 @@ def fuse_model(model, num_layers: int) -> tuple[dict[str, int], int, int]:
     unknown = sorted(set(contrib) - set(FUSED_OPS))
     if unknown:
         raise FusionNotApplied(f"the fusions produced ops this stage does not know: {unknown}")
-    ops = collections.Counter(n.op_type for n in model.graph if n.op_type in FUSED_OPS)
-    attention = sum(ops[o] for o in ATTENTION_OPS)
+    ops = fused_op_counts(model.graph)
+    attention = sum(ops.get(o, 0) for o in ATTENTION_OPS)
     if attention != num_layers:
         raise FusionNotApplied(
             f"attention fused in {attention} of {num_layers} layers (onnxscript's rules do not "
@@ -296,7 +307,7 @@ def fuse_model(model, num_layers: int) -> tuple[dict[str, int], int, int]:
             "which ONNX Runtime's CPU attention kernels need"
         )
     after = sum(1 for _ in model.graph)
-    return dict(sorted(ops.items())), before, after
+    return ops, before, after
 
 
 def _compare(
@@ -350,12 +361,19 @@ def _rewrite_and_check(model_path: Path, work: Path, rewrite, compare):
     ir.save(model, str(out), external_data=(model_path.name + ".data") if external else None)
     del model
     checked = compare(model_path, out)
+    swap_in(model_path, work)
+    return result, checked
+
+
+def swap_in(model_path: Path, work: Path) -> None:
+    """Replace the graph at ``model_path`` (and its data file) by the one of the same name
+    built in ``work``."""
     for f in list(model_path.parent.iterdir()):
         if f.is_file() and f.name.startswith(model_path.name):
             f.unlink()
     for f in work.iterdir():
-        f.rename(model_path.parent / f.name)
-    return result, checked
+        if f.name.startswith(model_path.name):
+            f.rename(model_path.parent / f.name)
 
 
 def fuse_stage(
@@ -458,39 +476,26 @@ def to_onnx_attention(model) -> int:
     return len(nodes)
 
 
-def graph_ops(model_path: Path) -> tuple[dict[str, int], int]:
-    """The fused ops in the saved graph at ``model_path`` (contrib ops and ONNX ``Attention``),
-    and its node count."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    ops = collections.Counter(
-        n.op_type for n in model.graph.node
-        if (n.domain == "com.microsoft" and n.op_type in FUSED_OPS)
-        or (n.domain in ("", "ai.onnx") and n.op_type in FUSED_OPS + ("Attention",))
-    )  # fmt: skip
-    return dict(sorted(ops.items())), len(model.graph.node)
-
-
 def onnx_attention_stage(
     model_path: Path,
     encoder: EchoEncoder,
     settings: FusionSettings,
     prefix_ids: tuple[int, ...] = (),
-) -> tuple[int, float] | str:
+) -> tuple[tuple[int, dict[str, int], int], float] | str:
     """Rewrite the fused graph at ``model_path`` in place with ``to_onnx_attention`` once it
-    checks out against the GroupQueryAttention graph; returns (nodes rewritten, max abs diff),
-    or why the GroupQueryAttention graph stays."""
+    checks out against the GroupQueryAttention graph; returns ((nodes rewritten, the final
+    graph's fused op counts, its node count), max abs diff), or why the GroupQueryAttention graph
+    stays."""
     require("onnxscript", "export")
     work = model_path.parent / ".attention"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
 
-    def rewrite(model) -> int:
+    def rewrite(model) -> tuple[int, dict[str, int], int]:
         n = to_onnx_attention(model)
         if not n:
             raise FusionNotApplied("the graph has no GroupQueryAttention")
-        return n
+        return n, fused_op_counts(model.graph), sum(1 for _ in model.graph)
 
     try:
         return _rewrite_and_check(

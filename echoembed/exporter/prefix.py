@@ -29,7 +29,7 @@ import numpy as np
 from echoembed.artifact import OUTPUT_NAME, PrefixInfo
 from echoembed.echo import EchoEncoder, l2_normalize, leading_fixed_ids
 from echoembed.errors import ExportError, require
-from echoembed.exporter.fusion import FusionSettings, _const
+from echoembed.exporter.fusion import FusionSettings, _const, _rewrite_and_check, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,6 @@ def _info(encoder: EchoEncoder, ids: tuple[int, ...], method: str, diff: float) 
     )
 
 
-def _swap_in(model_path: Path, work: Path) -> None:
-    """Replace the graph at ``model_path`` (and its data file) by the one built in ``work``."""
-    for f in list(model_path.parent.iterdir()):
-        if f.is_file() and f.name.startswith(model_path.name):
-            f.unlink()
-    for f in work.iterdir():
-        if f.name.startswith(model_path.name):
-            f.rename(model_path.parent / f.name)
-
-
 def gqa_prefix_stage(
     model_path: Path,
     encoder: EchoEncoder,
@@ -264,24 +254,16 @@ def gqa_prefix_stage(
     """The ``gqa-capture`` route on the fused graph at ``model_path`` (rewritten in place once
     it checks out against the whole-prompt graph)."""
     require("onnxscript", "export")
-    import onnx_ir as ir
-
     work = model_path.parent / ".prefix"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
         captured = _capture(model_path, prefix_ids, work, settings.threads)
-        model = ir.load(str(model_path))
-        external = any(
-            f.name.startswith(model_path.name + ".") for f in model_path.parent.iterdir()
-        )
-        n = rewrite_gqa_prefix(model, captured, len(prefix_ids))
-        out = work / model_path.name
-        ir.save(model, str(out), external_data=(model_path.name + ".data") if external else None)
-        del model
-        diff = compare_prefix(model_path, out, prefix_ids, encoder, settings)
+        n, diff = _rewrite_and_check(
+            model_path, work, lambda m: rewrite_gqa_prefix(m, captured, len(prefix_ids)),
+            lambda old, new: compare_prefix(old, new, prefix_ids, encoder, settings),
+        )  # fmt: skip
         log.info("prefix baked into %d GroupQueryAttention nodes (max abs diff %.1e)", n, diff)
-        _swap_in(model_path, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _info(encoder, prefix_ids, "gqa-capture", diff)
@@ -304,7 +286,7 @@ def traced_prefix_stage(
         out = work / model_path.name
         trace(out)
         diff = compare_prefix(model_path, out, prefix_ids, encoder, settings)
-        _swap_in(model_path, work)
+        swap_in(model_path, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _info(encoder, prefix_ids, "torch-cache", diff)
