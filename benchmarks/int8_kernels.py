@@ -11,8 +11,9 @@ in float by the quantizer's search until mean cosine on its held-out calibration
 ``--exclusion-drop`` of the parent). For each: mean/min cosine to the fp32 artifact and STS
 Spearman on the first ``--pairs`` STS-B **dev** pairs (test is kept for the bench), model size,
 texts/s at batch 32 (interleaved round-robin in one process with the fp32 artifact) and batch-1
-latency (each text alone, all variants in turn). Prints the CPU and whether it has VNNI: run it on
-each CPU kind the team uses and choose the default from the numbers. ``--only`` picks variants.
+latency (each text alone, the variants taking turns per block of 8 texts). Prints the CPU and
+whether it has VNNI: run it on each CPU kind the team uses and choose the default from the
+numbers. ``--only`` picks variants.
 """
 
 from __future__ import annotations

@@ -192,3 +192,34 @@ def test_plot_bench_writes_a_png_atomically(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
     assert json.loads(report.to_json())["machine"]["cpu_count"] == 2
+
+
+def test_batch1_latency_takes_turns_in_blocks_after_an_untimed_call():
+    """Each candidate embeds every text alone, in blocks (order alternating per block), each
+    block opened by an untimed call, so one runtime's spinning threads never meet the next
+    one's timed call."""
+    from echoembed.validation.timing import compare_latency
+
+    calls: list[tuple[str, str]] = []
+
+    def candidate(name):
+        def run(texts):
+            assert len(texts) == 1
+            calls.append((name, texts[0]))
+
+        return run
+
+    texts = [f"t{i}" for i in range(10)]
+    lat = compare_latency({"a": candidate("a"), "b": candidate("b")}, texts, warmup=1, block=4)
+    assert {n: len(v.seconds) for n, v in lat.items()} == {"a": 10, "b": 10}
+    assert all(s >= 0 for v in lat.values() for s in v.seconds)
+    timed = calls[2:]  # after the warm-up (one text each)
+    # blocks of 4, 4, 2 texts: a then b, b then a, a then b; each block starts untimed
+    expect = []
+    blocks = ((("a", "b"), texts[0:4]), (("b", "a"), texts[4:8]), (("a", "b"), texts[8:]))
+    for names, chunk in blocks:
+        for n in names:
+            expect += [(n, chunk[0])] + [(n, t) for t in chunk]
+    assert timed == expect
+    with pytest.raises(ValueError, match="block"):
+        compare_latency({"a": candidate("a")}, texts, block=0)

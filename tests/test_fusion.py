@@ -5,6 +5,7 @@ falls back to the unfused graph and records why."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import onnx
@@ -243,6 +244,12 @@ def test_a_fused_graph_on_a_gpu_provider_is_warned_about(fused_llama, tiny_artif
     m = fused_llama.manifest
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert "--no-fuse" in fused_on_gpu_warning(m, cuda)
+    assert "Attention" in m.fusion.ops
+    assert "refused at run time on CUDA" in fused_on_gpu_warning(m, cuda)
+    gqa = dataclasses.replace(
+        m, fusion=dataclasses.replace(m.fusion, ops={"GroupQueryAttention": 2})
+    )
+    assert "run on the CPU" in fused_on_gpu_warning(gqa, cuda)
     assert fused_on_gpu_warning(m, ["CPUExecutionProvider"]) is None
     assert fused_on_gpu_warning(tiny_artifact.manifest, cuda) is None  # not fused
 

@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--artifacts", nargs="*", default=None,
-        help="artifact directories (default: the three `make demo` writes)",
+        help="artifact directories (default: the five `make demo` writes)",
     )  # fmt: skip
     p.add_argument("--model", default="smollm2", help="the PyTorch reference")
     p.add_argument("--sts", default="../shared/data/stsb/test.tsv")

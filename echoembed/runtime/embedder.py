@@ -75,17 +75,26 @@ GPU_PROVIDERS = (
 
 
 def fused_on_gpu_warning(manifest: Manifest, active: Sequence[str]) -> str | None:
-    """Why a fused fp32 graph runs poorly on the active GPU provider, or None: ORT's fp32
-    GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and TensorRT no importer, so those
-    nodes run on the CPU between GPU partitions."""
+    """Why a fused graph runs poorly, or not at all, on the active GPU provider, or None. From
+    ONNX Runtime's and TensorRT's kernel tables (not run here: no GPU was lent): CUDA has no
+    fp32 GroupQueryAttention (those nodes run on the CPU between GPU partitions); its ONNX
+    ``Attention`` takes fp32 only with as many key/value heads as query heads (GQA models fail
+    at run time); TensorRT's parser has no com.microsoft RotaryEmbedding or
+    SkipSimplifiedLayerNormalization."""
     f = manifest.fusion
     gpu = [p for p in active if p in GPU_PROVIDERS]
     if f is None or not f.applied or not gpu:
         return None
+    why = (
+        "its fp32 Attention nodes may be refused at run time on CUDA for grouped key/value heads"
+        if "Attention" in f.ops
+        else "its fp32 attention nodes run on the CPU"
+    )
     return (
         f"{manifest.architecture} artifact was exported with the fused stage for ONNX Runtime "
-        f"on CPU ({', '.join(f.ops)}): on {gpu[0]} its fp32 attention nodes run on the CPU. "
-        "For GPUs re-export with `echoembed export ... --no-fuse` (or --dtype fp16)"
+        f"on CPU ({', '.join(f.ops)}): on {gpu[0]} {why}, and TensorRT cannot parse its "
+        "com.microsoft ops. For GPUs re-export with `echoembed export ... --no-fuse` (or --dtype "
+        "fp16)"
     )
 
 

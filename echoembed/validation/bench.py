@@ -286,7 +286,8 @@ def _embed_and_time(config: BenchConfig, sentences: list[str], skipped: dict[str
         )
         latency = {}
         if config.latency_texts > 0:
-            say(f"batch-1 latency: {config.latency_texts} texts, each alone, round-robin")
+            n = config.latency_texts
+            say(f"batch-1 latency: {n} texts, each alone, the variants taking turns per 8 texts")
             latency = compare_latency(
                 {v.name: v.time for v in variants}, sentences[: config.latency_texts]
             )

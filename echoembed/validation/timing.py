@@ -59,17 +59,29 @@ def compare_latency(
     candidates: dict[str, Callable[[Sequence[str]], object]],
     texts: Sequence[str],
     warmup: int = 2,
+    block: int = 8,
 ) -> dict[str, Latency]:
-    """Batch-1 latency: each text embedded alone by every candidate in turn (the order
-    alternating per text), after ``warmup`` single texts each; median over the texts."""
+    """Batch-1 latency: each text embedded alone by every candidate; median over the texts.
+
+    The candidates take turns in blocks of ``block`` texts (their order alternating per block),
+    each block after one untimed call: a runtime's threads keep spinning for a while after a
+    call (ONNX Runtime's pool, OpenMP), and turns per text would time each candidate against
+    the previous one's spinning threads (on 2 cores that inflated every latency 1.6-1.8x, the
+    fastest most). Turns per block still spread a drifting machine load over all candidates.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     names = list(candidates)
     for t in list(texts[:warmup]):
         for n in names:
             candidates[n]([t])
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i, t in enumerate(texts):
-        for n in names if i % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            candidates[n]([t])
-            times[n].append(time.perf_counter() - t0)
+    for b, start in enumerate(range(0, len(texts), block)):
+        chunk = texts[start : start + block]
+        for n in names if b % 2 == 0 else names[::-1]:
+            candidates[n]([chunk[0]])  # untimed: the previous candidate's threads go idle
+            for t in chunk:
+                t0 = time.perf_counter()
+                candidates[n]([t])
+                times[n].append(time.perf_counter() - t0)
     return {n: Latency(n, tuple(times[n])) for n in names}
