@@ -12,6 +12,7 @@ from echoembed.calibration import (
     CalibrationConfig,
     FixedShapeReader,
     Int4WeightOnlyConfig,
+    Int8BlockwiseConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     QuantizeOptions,
@@ -99,6 +100,28 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     assert datetime.datetime.fromisoformat(art.manifest.created) >= start, "its own creation time"
     emb = Embedder.load(art.path).encode(["hello world", "kids play"])
     assert emb.shape == (2, 32)
+
+
+def test_int8_blockwise_does_not_depend_on_the_batch(tiny_artifact, tmp_path):
+    """int8-blockwise: 8-bit MatMulNBits, activations quantized per row block, so a text embeds
+    the same alone and beside a long batch-mate; int8-dynamic's per-tensor scale does not."""
+    texts = ["kids play", "a man is slicing a tomato on the board " * 6]
+    cfg = Int8BlockwiseConfig(block_size=16)
+    art = quantize(tiny_artifact.path, tmp_path / "block", cfg, SMALL)
+    found = ops(art.path / "model.onnx")
+    assert found.count("MatMulNBits") == 14 and "DynamicQuantizeLinear" not in found
+    q = read_manifest(art.path).quantization
+    assert q.recipe == "int8-blockwise" and q.smoothed == () and q.settings.block_size == 16
+    assert 0.99 < q.mean_cosine <= 1.0 + 1e-6
+    dyn = quantize(tiny_artifact.path, tmp_path / "dyn", Int8DynamicConfig(), SMALL)
+    gaps = {}
+    for name, path in (("block", art.path), ("dynamic", dyn.path)):
+        emb = Embedder.load(path)
+        alone = emb.encode(texts[:1])[0]
+        batched = emb.encode(texts, batch_size=2)[0]
+        gaps[name] = float(np.abs(alone - batched).max())
+    assert gaps["block"] < 1e-5, gaps
+    assert gaps["dynamic"] > 10 * max(gaps["block"], 1e-6), gaps
 
 
 def test_int8_dynamic_uint8_weights(tiny_artifact, tmp_path):
@@ -328,7 +351,8 @@ def test_budget_search_and_refusal(tiny_artifact, tmp_path):
 
 def test_bad_inputs(tiny_artifact, tmp_path):
     with pytest.raises(
-        TypeError, match="Int8DynamicConfig, Int8StaticConfig, Int4WeightOnlyConfig"
+        TypeError,
+        match="Int8DynamicConfig, Int8StaticConfig, Int8BlockwiseConfig, Int4WeightOnlyConfig",
     ):
         quantize(tiny_artifact.path, tmp_path / "x", {"recipe": "int8"})
     with pytest.raises(ArtifactError, match="matches no linear layer"):

@@ -15,6 +15,7 @@ from echoembed.artifact import read_manifest
 from echoembed.calibration import (
     CalibrationConfig,
     Int4WeightOnlyConfig,
+    Int8BlockwiseConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     QuantizeOptions,
@@ -200,7 +201,13 @@ def test_onnx_attention_refuses_what_it_cannot_rewrite_exactly():
 
 
 @pytest.mark.parametrize(
-    "config", [Int8DynamicConfig(), Int8StaticConfig(), Int4WeightOnlyConfig(algorithm="rtn")]
+    "config",
+    [
+        Int8DynamicConfig(),
+        Int8StaticConfig(),
+        Int8BlockwiseConfig(block_size=16),
+        Int4WeightOnlyConfig(algorithm="rtn"),
+    ],
 )
 def test_quantizers_work_on_the_fused_graph(fused_llama, config, tmp_path):
     """The quantized graph keeps the fused kernels, and SmoothQuant finds the fused RMSNorm
@@ -209,7 +216,7 @@ def test_quantizers_work_on_the_fused_graph(fused_llama, config, tmp_path):
     q = art.manifest.quantization
     ops = _ops(art.model_path)
     assert ops["Attention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
-    if config.recipe.startswith("int8"):
+    if config.recipe in ("int8-dynamic", "int8-static"):
         groups = [s for s in q.smoothed if "+" in s]
         assert len(groups) == 4, q.smoothed  # 2 norm-fed groups per layer
     texts = _sts_sentences(16)

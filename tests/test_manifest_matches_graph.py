@@ -28,6 +28,7 @@ from echoembed.calibration import (
     Fp16Config,
     Int4QdqConfig,
     Int4WeightOnlyConfig,
+    Int8BlockwiseConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     QuantizeOptions,
@@ -48,6 +49,8 @@ CASES = {
     "int8-static": Int8StaticConfig(exclude=EXCLUDE),
     "int8-static-u8-w7": Int8StaticConfig(activations="uint8", reduce_range=True),
     "int8-static-per-tensor": Int8StaticConfig(per_channel=False, smooth_alpha=None),
+    "int8-blockwise": Int8BlockwiseConfig(exclude=EXCLUDE),
+    "int8-blockwise-b32-level0": Int8BlockwiseConfig(block_size=32, accuracy_level=0),
     "int4-rtn": Int4WeightOnlyConfig(
         algorithm="rtn", block_size=16, accuracy_level=0, quantize_embedding=False
     ),
@@ -172,19 +175,23 @@ def test_excluded_layers_stay_float(built, name):
 
 
 @pytest.mark.parametrize(
-    "name", [n for n, c in CASES.items() if isinstance(c, Int4WeightOnlyConfig)]
+    "name",
+    [n for n, c in CASES.items() if isinstance(c, (Int4WeightOnlyConfig, Int8BlockwiseConfig))],
 )
 def test_matmulnbits_carry_the_settings(built, name):
     art, cfg, model = built(name)
     nodes = _ops(model, "MatMulNBits")
     assert len(nodes) == LINEAR - len(art.manifest.quantization.excluded)
+    bits = 8 if isinstance(cfg, Int8BlockwiseConfig) else 4
     for node in nodes:
         a = _attrs(node)
-        assert node.domain == MS and a["bits"] == 4 and a["block_size"] == cfg.block_size
+        assert node.domain == MS and a["bits"] == bits and a["block_size"] == cfg.block_size
         assert a.get("accuracy_level", 0) == cfg.accuracy_level, node.name
     inits = _inits(model)
-    zeros = {inits[n.input[3]].dtype for n in nodes if len(n.input) > 3}
-    if cfg.algorithm == "rtn":
+    zeros = {inits[n.input[3]].dtype for n in nodes if len(n.input) > 3 and n.input[3]}
+    if bits == 8:  # symmetric: no zero points
+        assert zeros == set()
+    elif cfg.algorithm == "rtn":
         assert zeros == {np.dtype(np.uint8)}
     else:  # HQQ, and GPTQ with float_zero (the default): fractional zero points
         assert cfg.float_zero and zeros == {np.dtype(np.float32)}

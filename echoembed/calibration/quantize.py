@@ -64,6 +64,7 @@ from echoembed.calibration.recipes import (
     Fp16Config,
     Int4QdqConfig,
     Int4WeightOnlyConfig,
+    Int8BlockwiseConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     QuantizeOptions,
@@ -186,6 +187,8 @@ def _apply(graph: FloatGraph, config: RecipeConfig, excluded: tuple[str, ...], o
         _save(onnx.load(str(graph.path)), out)
     elif isinstance(config, Int8DynamicConfig):
         _int8_dynamic(graph.path, config, quantizable, out)
+    elif isinstance(config, Int8BlockwiseConfig):
+        _save(_int8_blockwise(onnx.load(str(graph.path)), config, quantizable, excluded), out)
     elif isinstance(config, Int8StaticConfig):
         model = onnx.load(str(graph.path))
         nodes = [graph.linear[n] for n in quantizable]
@@ -222,6 +225,38 @@ def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str],
             nodes_to_quantize=nodes,
             use_external_data_format=float_path.with_name(float_path.name + ".data").exists(),
         )
+
+
+def _int8_blockwise(model, config: Int8BlockwiseConfig, quantizable: list[str], excluded):
+    """The linear layers -> 8-bit symmetric MatMulNBits (ORT's round-to-nearest quantizer),
+    every one carrying ``config.accuracy_level``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from echoembed.calibration.gptq import set_accuracy_level
+
+    algo = DefaultWeightOnlyQuantConfig(
+        block_size=config.block_size,
+        is_symmetric=True,
+        accuracy_level=config.accuracy_level,
+        bits=8,
+    )
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=8,
+        block_size=config.block_size,
+        is_symmetric=True,
+        accuracy_level=config.accuracy_level,
+        nodes_to_include=quantizable,
+        nodes_to_exclude=list(excluded),
+        algo_config=algo,
+    )
+    q.process()
+    model = q.model.model
+    set_accuracy_level(model, config.accuracy_level)
+    return model
 
 
 class _DropPreprocessHint(logging.Filter):

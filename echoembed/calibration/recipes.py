@@ -16,6 +16,7 @@ from echoembed.artifact.recipes import (
     Fp16Config,
     Int4QdqConfig,
     Int4WeightOnlyConfig,
+    Int8BlockwiseConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     RecipeConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "Fp16Config",
     "Int4QdqConfig",
     "Int4WeightOnlyConfig",
+    "Int8BlockwiseConfig",
     "Int8DynamicConfig",
     "Int8StaticConfig",
     "QuantizeOptions",
@@ -86,6 +88,7 @@ def recipe_from_name(name: str, **overrides: Any) -> RecipeConfig:
     table: dict[str, RecipeConfig] = {
         "int8-dynamic": Int8DynamicConfig(),
         "int8-static": Int8StaticConfig(),
+        "int8-blockwise": Int8BlockwiseConfig(),
         "int4-rtn": Int4WeightOnlyConfig(algorithm="rtn"),
         "int4-hqq": Int4WeightOnlyConfig(algorithm="hqq"),
         "int4-gptq": Int4WeightOnlyConfig(algorithm="gptq"),

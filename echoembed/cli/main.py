@@ -466,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         required=True,
         choices=[
-            "int8-dynamic", "int8-static", "int4-rtn", "int4-hqq", "int4-gptq", "int4-qdq", "fp16",
+            "int8-dynamic", "int8-static", "int8-blockwise", "int4-rtn", "int4-hqq", "int4-gptq",
+            "int4-qdq", "fp16",
         ],
     )  # fmt: skip
     p.add_argument(
@@ -495,12 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--sts-limit", type=int, default=500, help="STS pairs used (first N)")
     budget.add_argument("--allow-over-budget", action="store_true", help="write it even if over")
     p.add_argument("--exclude", nargs="*", default=[], help="layers to keep in float (globs)")
-    p.add_argument("--block-size", type=int, default=None, help="4-bit block size (32)")
+    p.add_argument(
+        "--block-size", type=int, default=None, help="4-bit block size (32); int8-blockwise (128)"
+    )
     p.add_argument(
         "--algorithm", choices=["rtn", "gptq"], default=None,
         help="int4-qdq: round to nearest (default) or GPTQ on the same INT4 grid",
     )  # fmt: skip
-    p.add_argument("--accuracy-level", type=int, default=None, help="4-bit MatMulNBits (4)")
+    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits compute (4: int8)")
     p.add_argument(
         "--float-embedding", action="store_true", help="4-bit: keep the embedding table float"
     )

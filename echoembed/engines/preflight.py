@@ -31,8 +31,8 @@ INT4_QDQ = "quantize with int4-qdq (signed INT4, DequantizeLinear block_size, no
 _OP_FIXES = {
     "DynamicQuantizeLinear": "int8-dynamic uses DynamicQuantizeLinear/MatMulInteger, which "
     "TensorRT cannot import: quantize with int8-static (int8 activations) instead",
-    "MatMulNBits": "int4-rtn/int4-hqq/int4-gptq write com.microsoft MatMulNBits (uint4 weights, "
-    "uint8 or float zero points; no TensorRT type or importer): use int4-qdq",
+    "MatMulNBits": "int4-rtn/int4-hqq/int4-gptq/int8-blockwise write com.microsoft MatMulNBits "
+    "(packed uint4/uint8 weights; no TensorRT type or importer): use int4-qdq or int8-static",
     "GatherBlockQuantized": "the 4-bit recipes' embedding table (com.microsoft "
     "GatherBlockQuantized) has no TensorRT importer: use int4-qdq (the table stays float)",
     "QLinearMatMul": "QOperator INT8 has no TensorRT importer: quantize with int8-static (Q/DQ)",
