@@ -230,12 +230,7 @@ def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str],
 def _int8_blockwise(model, config: Int8BlockwiseConfig, quantizable: list[str], excluded):
     """The linear layers -> 8-bit symmetric MatMulNBits (ORT's round-to-nearest quantizer),
     every one carrying ``config.accuracy_level``."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    from echoembed.calibration.gptq import set_accuracy_level
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
     algo = DefaultWeightOnlyQuantConfig(
         block_size=config.block_size,
@@ -243,19 +238,30 @@ def _int8_blockwise(model, config: Int8BlockwiseConfig, quantizable: list[str], 
         accuracy_level=config.accuracy_level,
         bits=8,
     )
+    return _matmulnbits(model, algo, True, config.accuracy_level, quantizable, excluded)
+
+
+def _matmulnbits(model, algo, symmetric: bool, accuracy_level: int, quantizable, excluded):
+    """Run ORT's ``MatMulNBitsQuantizer`` with ``algo`` (its bits and block size) on the
+    ``quantizable`` linear nodes; every MatMulNBits then carries ``accuracy_level`` (ORT's HQQ
+    quantizer takes none and writes none, ORT 1.32)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from echoembed.calibration.gptq import set_accuracy_level
+
     q = MatMulNBitsQuantizer(
         model,
-        bits=8,
-        block_size=config.block_size,
-        is_symmetric=True,
-        accuracy_level=config.accuracy_level,
+        bits=algo.bits,
+        block_size=algo.block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
         nodes_to_include=quantizable,
         nodes_to_exclude=list(excluded),
         algo_config=algo,
     )
     q.process()
     model = q.model.model
-    set_accuracy_level(model, config.accuracy_level)
+    set_accuracy_level(model, accuracy_level)
     return model
 
 
@@ -282,7 +288,7 @@ def _int4(graph: FloatGraph, config: Int4WeightOnlyConfig, quantizable: list[str
     """The linear layers -> MatMulNBits (GPTQ: echoembed's codes; RTN/HQQ: ORT's quantizer),
     every one carrying ``config.accuracy_level``."""
     onnx = require("onnx", "export")
-    from echoembed.calibration.gptq import set_accuracy_level, to_matmulnbits
+    from echoembed.calibration.gptq import to_matmulnbits
 
     model = onnx.load(str(graph.path))
     if config.algorithm == "gptq":
@@ -296,7 +302,6 @@ def _int4(graph: FloatGraph, config: Int4WeightOnlyConfig, quantizable: list[str
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
     )
 
     if config.algorithm == "hqq":
@@ -306,22 +311,9 @@ def _int4(graph: FloatGraph, config: Int4WeightOnlyConfig, quantizable: list[str
             block_size=config.block_size,
             is_symmetric=config.symmetric,
             accuracy_level=config.accuracy_level,
+            bits=4,
         )
-    q = MatMulNBitsQuantizer(
-        model,
-        bits=4,
-        block_size=config.block_size,
-        is_symmetric=config.symmetric,
-        accuracy_level=config.accuracy_level,
-        nodes_to_include=quantizable,
-        nodes_to_exclude=list(excluded),
-        algo_config=algo,
-    )
-    q.process()
-    model = q.model.model
-    # ORT's HQQ quantizer takes no accuracy_level and writes none (ORT 1.32): set it here
-    set_accuracy_level(model, config.accuracy_level)
-    return model
+    return _matmulnbits(model, algo, config.symmetric, config.accuracy_level, quantizable, excluded)
 
 
 def _int4_embedding(model, config: Int4WeightOnlyConfig):
