@@ -66,8 +66,8 @@ def compare_latency(
     The candidates take turns in blocks of ``block`` texts (their order alternating per block),
     each block after one untimed call: a runtime's threads keep spinning for a while after a
     call (ONNX Runtime's pool, OpenMP), and turns per text would time each candidate against
-    the previous one's spinning threads (on 2 cores that inflated every latency 1.6-1.8x, the
-    fastest most). Turns per block still spread a drifting machine load over all candidates.
+    the previous one's spinning threads (on 2 cores that inflated latencies 1.6-1.8x). Turns
+    per block still spread a drifting machine load over all candidates.
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
