@@ -12,9 +12,9 @@ on its batch. This script:
 
 1. embeds all STS-B test sentences with each INT8 artifact given at batch 32 and at batch 1
    (each text alone) and prints Spearman and cosine to the fp32 parent for both;
-2. builds the blockwise variant of the fp32 parent (``MatMulNBitsQuantizer``, 8 bits,
-   ``--block-size``, symmetric, accuracy_level 4, every MatMul; under ``--work``; no SmoothQuant)
-   and measures it the same way;
+2. quantizes the fp32 parent with the ``int8-blockwise`` recipe (8-bit symmetric MatMulNBits,
+   ``--block-size``, accuracy_level 4, every linear layer, no SmoothQuant; under ``--work``) and
+   measures it the same way;
 3. times all of them and the fp32 parent at batch 32 (round-robin, median of 3) and at batch 1
    (``compare_latency``: turns per block of 8 texts).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,27 +36,13 @@ from echoembed.validation.timing import compare_latency, compare_throughput
 
 
 def blockwise(parent: Path, work: Path, block_size: int) -> Path:
-    """The fp32 artifact at ``parent`` with every MatMul as 8-bit MatMulNBits (a scratch copy
-    for measurement: its manifest still describes the parent, so load it with verify=False)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """The ``int8-blockwise`` artifact of the fp32 artifact at ``parent`` (made once, reused)."""
+    from echoembed.calibration import Int8BlockwiseConfig
+    from echoembed.calibration.quantize import quantize_or_reuse
 
-    out = work / f"{parent.name}-int8-block{block_size}"
-    if (out / "model.onnx").exists():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in ("manifest.json", "tokenizer.json"):
-        shutil.copy(parent / f, tmp / f)
-    q = MatMulNBitsQuantizer(
-        onnx.load(str(parent / "model.onnx")), bits=8, block_size=block_size,
-        is_symmetric=True, accuracy_level=4,
-    )  # fmt: skip
-    q.process()
-    onnx.save_model(q.model.model, str(tmp / "model.onnx"))
-    tmp.rename(out)
-    return out
+    out = work / f"{parent.name}-int8-blockwise-{block_size}"
+    art, _ = quantize_or_reuse(parent, out, Int8BlockwiseConfig(block_size=block_size))
+    return art.path
 
 
 def main() -> None:
@@ -77,7 +62,7 @@ def main() -> None:
     paths = {"fp32": args.parent}
     paths.update({p.name: p for p in args.int8})
     paths[f"int8 blockwise {args.block_size}"] = blockwise(args.parent, args.work, args.block_size)
-    emb = {k: Embedder.load(p, verify=not k.startswith("int8 blockwise")) for k, p in paths.items()}
+    emb = {k: Embedder.load(p) for k, p in paths.items()}
     ref = emb["fp32"].encode(sentences, show_progress=False)
     index = {s: i for i, s in enumerate(sentences)}
     rows: dict[str, dict] = {}

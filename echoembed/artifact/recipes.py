@@ -15,6 +15,18 @@ from typing import Any, Literal
 from echoembed.errors import ArtifactError, UserError
 
 
+def _check_block_size(block_size: int) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UserError(f"block_size must be a power of two >= 16, got {block_size}")
+
+
+def _check_matmulnbits(block_size: int, accuracy_level: int) -> None:
+    """The settings every MatMulNBits recipe shares."""
+    _check_block_size(block_size)
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UserError(f"accuracy_level must be 0..4, got {accuracy_level}")
+
+
 @dataclass(frozen=True)
 class Int8DynamicConfig:
     """INT8 weights (per channel or per tensor), activations quantized at run time (uint8).
@@ -94,10 +106,7 @@ class Int8BlockwiseConfig:
     recipe = "int8-blockwise"
 
     def __post_init__(self) -> None:
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UserError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        _check_matmulnbits(self.block_size, self.accuracy_level)
 
 
 @dataclass(frozen=True)
@@ -128,10 +137,7 @@ class Int4WeightOnlyConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ("rtn", "hqq", "gptq"):
             raise UserError(f"algorithm must be 'rtn', 'hqq' or 'gptq', got {self.algorithm!r}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UserError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        _check_matmulnbits(self.block_size, self.accuracy_level)
         if self.symmetric and self.float_zero and self.algorithm == "gptq":
             raise UserError("float_zero needs asymmetric quantization (symmetric=False)")
         if not 0.0 < self.gptq_damp < 1.0:
@@ -160,8 +166,7 @@ class Int4QdqConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ("rtn", "gptq"):
             raise UserError(f"algorithm must be 'rtn' or 'gptq', got {self.algorithm!r}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UserError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        _check_block_size(self.block_size)
         if not 0.0 < self.gptq_damp < 1.0:
             raise UserError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
 
