@@ -1,21 +1,25 @@
-"""INT8 activation scales per tensor vs per block: accuracy at batch 32 and alone, and speed.
+"""INT8 activation scales per tensor, per token and per block: accuracy at batch 32 and alone.
 
-    python benchmarks/int8_granularity.py artifacts/smollm2-echo-prefix \\
-        artifacts/smollm2-echo-prefix-int8-dynamic [--out runs/int8-granularity.json]
+    python benchmarks/int8_granularity.py artifacts/smollm2-echo-prefix [--reduce-range] \\
+        [--out runs/int8-granularity.json]
 
-ONNX Runtime's dynamic INT8 (the ``int8-dynamic`` recipe: ``DynamicQuantizeLinear`` ->
-``MatMulInteger``) quantizes each activation tensor with one scale, the max |x| of the whole
-batch, so a text's embedding depends on the texts (and the padding) it is batched with.
-``MatMulNBits`` with 8-bit weights and ``accuracy_level=4`` quantizes activations to int8 per
-block of K in each row instead (ORT's blockwise kernels), so a text's embedding no longer depends
-on its batch. This script:
+ONNX Runtime's dynamic INT8 (``DynamicQuantizeLinear`` -> ``MatMulInteger``) quantizes each
+activation tensor with one scale, the max |x| of the whole batch, so a text's embedding depends
+on the texts (and the padding) it is batched with. This script quantizes the fp32 artifact with
+(under ``--work``, made once and reused):
 
-1. embeds all STS-B test sentences with each INT8 artifact given at batch 32 and at batch 1
-   (each text alone) and prints Spearman and cosine to the fp32 parent for both;
-2. quantizes the fp32 parent with the ``int8-blockwise`` recipe (8-bit symmetric MatMulNBits,
-   ``--block-size``, accuracy_level 4, every linear layer, no SmoothQuant; under ``--work``) and
-   measures it the same way;
-3. times all of them and the fp32 parent at batch 32 (round-robin, median of 3) and at batch 1
+- ``int8-dynamic`` with ``activation_scale="tensor"`` (that one scale per tensor);
+- ``int8-dynamic`` with ``activation_scale="token"`` (the default: a symmetric scale per token,
+  ``echoembed.calibration.per_token``; the same u8 x s8 kernels);
+- ``int8-blockwise`` (8-bit MatMulNBits, ``accuracy_level=4``: int8 activations per block of K
+  in each row; ``--block-size``);
+
+both dynamic ones with 7-bit weights too with ``--reduce-range`` (what a CPU without VNNI gets:
+those integer GEMMs are exact there, so their accuracy here is theirs there). Then it
+
+1. embeds all STS-B test sentences with each INT8 artifact at batch 32 and at batch 1 (each text
+   alone) and prints Spearman and cosine to the fp32 parent for both;
+2. times all of them and the fp32 parent at batch 32 (round-robin, median of 3) and at batch 1
    (``compare_latency``: turns per block of 8 texts).
 
 Prints the CPU (``cpu_id``). Results: ``benchmarks/README.md``.
@@ -35,20 +39,31 @@ from echoembed.validation.sts import read_sts, sts_spearman
 from echoembed.validation.timing import compare_latency, compare_throughput
 
 
-def blockwise(parent: Path, work: Path, block_size: int) -> Path:
-    """The ``int8-blockwise`` artifact of the fp32 artifact at ``parent`` (made once, reused)."""
-    from echoembed.calibration import Int8BlockwiseConfig
+def variants(parent: Path, work: Path, block_size: int, reduce_range: bool) -> dict[str, Path]:
+    """name -> INT8 artifact of the fp32 artifact at ``parent`` (each made once, then reused)."""
+    from echoembed.calibration import Int8BlockwiseConfig, Int8DynamicConfig
     from echoembed.calibration.quantize import quantize_or_reuse
 
-    out = work / f"{parent.name}-int8-blockwise-{block_size}"
-    art, _ = quantize_or_reuse(parent, out, Int8BlockwiseConfig(block_size=block_size))
-    return art.path
+    configs = {
+        f"int8 blockwise {block_size}": Int8BlockwiseConfig(block_size=block_size),
+    }
+    for bits in (8, 7) if reduce_range else (8,):
+        for scale in ("tensor", "token"):
+            configs[f"int8 dynamic per {scale}, {bits}-bit"] = Int8DynamicConfig(
+                activation_scale=scale, reduce_range=bits == 7
+            )
+    out = {}
+    for name, cfg in configs.items():
+        slug = name.replace("int8 ", "").replace(", ", "-").replace(" ", "-")
+        art, _ = quantize_or_reuse(parent, work / f"{parent.name}-{slug}", cfg, progress=print)
+        out[name] = art.path
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("parent", type=Path, help="the fp32 artifact")
-    ap.add_argument("int8", type=Path, nargs="*", help="INT8 artifacts of it to compare")
+    ap.add_argument("--reduce-range", action="store_true", help="7-bit dynamic variants too")
     ap.add_argument("--sts", type=Path, default=Path("../shared/data/stsb/test.tsv"))
     ap.add_argument("--work", type=Path, default=Path("runs/int8-granularity"))
     ap.add_argument("--block-size", type=int, default=128)
@@ -60,8 +75,7 @@ def main() -> None:
     data = read_sts(args.sts)
     sentences = data.unique_sentences()
     paths = {"fp32": args.parent}
-    paths.update({p.name: p for p in args.int8})
-    paths[f"int8 blockwise {args.block_size}"] = blockwise(args.parent, args.work, args.block_size)
+    paths.update(variants(args.parent, args.work, args.block_size, args.reduce_range))
     emb = {k: Embedder.load(p) for k, p in paths.items()}
     ref = emb["fp32"].encode(sentences, show_progress=False)
     index = {s: i for i, s in enumerate(sentences)}

@@ -221,7 +221,9 @@ def test_format1_manifest_from_the_previous_release_still_loads(name):
         assert q.settings == Int4WeightOnlyConfig(algorithm="hqq", block_size=32)
         assert q.settings.accuracy_level == 4 and q.settings.exclude == ()
     else:
-        assert q.settings == Int8DynamicConfig(reduce_range=False)
+        # written before per-token scales: its graph has one scale per tensor, whatever the
+        # field's default is now
+        assert q.settings == Int8DynamicConfig(reduce_range=False, activation_scale="tensor")
         assert q.settings.smooth_alpha == 0.7
     written = json.loads(m.to_json())
     assert written["format_version"] == FORMAT_VERSION and written["opset_imports"] == {"": 18}
@@ -270,6 +272,12 @@ def test_recipe_from_settings_errors_and_defaults():
     # a setting an older manifest lacks takes the field's default
     old = {k: v for k, v in settings_of(Int8DynamicConfig()).items() if k != "reduce_range"}
     assert recipe_from_settings("int8-dynamic", old).reduce_range is None
+    # ... unless the default changed since: per-token scales are new, older graphs per tensor
+    assert recipe_from_settings("int8-dynamic", old).activation_scale == "token"
+    older = {k: v for k, v in old.items() if k != "activation_scale"}
+    assert recipe_from_settings("int8-dynamic", older).activation_scale == "tensor"
+    with pytest.raises(ArtifactError, match="activation_scale must be 'token' or 'tensor'"):
+        recipe_from_settings("int8-dynamic", dict(old, activation_scale="row"))
     assert recipe_from_settings("int4-hqq", {}).algorithm == "hqq"
     # an artifact an older echoembed made with a setting quantize now refuses still loads
     assert recipe_from_settings("int4-hqq", {"symmetric": True}).symmetric is True

@@ -84,7 +84,10 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     start = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     art = quantize(tiny_artifact.path, tmp_path / "int8", cfg, SMALL)
     found = ops(art.path / "model.onnx")
-    assert found.count("MatMulInteger") == 13 and "DynamicQuantizeLinear" in found
+    # per-token activation scales (the default): one QuantizeLinear per quantized input
+    assert found.count("MatMulInteger") == 13 and "DynamicQuantizeLinear" not in found
+    # q/k/v, o, gate/up and down in each layer, but layer 1's excluded down_proj
+    assert found.count("QuantizeLinear") == 2 * 4 - 1
     import onnx
 
     names = {n.name for n in onnx.load(str(art.path / "model.onnx")).graph.node}
@@ -102,9 +105,10 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     assert emb.shape == (2, 32)
 
 
-def test_int8_blockwise_does_not_depend_on_the_batch(tiny_artifact, tmp_path):
-    """int8-blockwise: 8-bit MatMulNBits, activations quantized per row block, so a text embeds
-    the same alone and beside a long batch-mate; int8-dynamic's per-tensor scale does not."""
+def test_int8_per_token_and_blockwise_do_not_depend_on_the_batch(tiny_artifact, tmp_path):
+    """int8-dynamic with per-token activation scales (the default) and int8-blockwise (8-bit
+    MatMulNBits, activations quantized per row block): a text embeds the same alone and beside a
+    long batch-mate; int8-dynamic with one scale per tensor does not."""
     texts = ["kids play", "a man is slicing a tomato on the board " * 6]
     cfg = Int8BlockwiseConfig(block_size=16)
     art = quantize(tiny_artifact.path, tmp_path / "block", cfg, SMALL)
@@ -113,15 +117,19 @@ def test_int8_blockwise_does_not_depend_on_the_batch(tiny_artifact, tmp_path):
     q = read_manifest(art.path).quantization
     assert q.recipe == "int8-blockwise" and q.smoothed == () and q.settings.block_size == 16
     assert 0.99 < q.mean_cosine <= 1.0 + 1e-6
-    dyn = quantize(tiny_artifact.path, tmp_path / "dyn", Int8DynamicConfig(), SMALL)
+    token = quantize(tiny_artifact.path, tmp_path / "token", Int8DynamicConfig(), SMALL)
+    tensor_cfg = Int8DynamicConfig(activation_scale="tensor")
+    tensor = quantize(tiny_artifact.path, tmp_path / "tensor", tensor_cfg, SMALL)
+    assert "DynamicQuantizeLinear" in ops(tensor.path / "model.onnx")
+    assert read_manifest(token.path).quantization.settings.activation_scale == "token"
     gaps = {}
-    for name, path in (("block", art.path), ("dynamic", dyn.path)):
+    for name, path in (("block", art.path), ("token", token.path), ("tensor", tensor.path)):
         emb = Embedder.load(path)
         alone = emb.encode(texts[:1])[0]
         batched = emb.encode(texts, batch_size=2)[0]
         gaps[name] = float(np.abs(alone - batched).max())
-    assert gaps["block"] < 1e-5, gaps
-    assert gaps["dynamic"] > 10 * max(gaps["block"], 1e-6), gaps
+    assert gaps["block"] < 1e-5 and gaps["token"] < 1e-5, gaps
+    assert gaps["tensor"] > 10 * max(gaps["block"], gaps["token"], 1e-6), gaps
 
 
 def test_int8_dynamic_uint8_weights(tiny_artifact, tmp_path):

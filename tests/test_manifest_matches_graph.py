@@ -46,6 +46,7 @@ CASES = {
     "int8-dynamic": Int8DynamicConfig(exclude=EXCLUDE),  # reduce_range decided by this CPU
     "int8-dynamic-w8": Int8DynamicConfig(reduce_range=False),
     "int8-dynamic-w7": Int8DynamicConfig(reduce_range=True, per_channel=False),
+    "int8-dynamic-tensor": Int8DynamicConfig(activation_scale="tensor", exclude=EXCLUDE),
     "int8-static": Int8StaticConfig(exclude=EXCLUDE),
     "int8-static-u8-w7": Int8StaticConfig(activations="uint8", reduce_range=True),
     "int8-static-per-tensor": Int8StaticConfig(per_channel=False, smooth_alpha=None),
@@ -229,6 +230,31 @@ def test_int8_dynamic_weights_match_reduce_range(built, name):
         assert w.dtype == np.int8 and int(np.abs(w.astype(np.int16)).max()) == top, node.name
         scale = inits[node.input[1].removesuffix("_quantized") + "_scale"]
         assert scale.shape == ((w.shape[1],) if cfg.per_channel else ()), node.name
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.recipe == "int8-dynamic"])
+def test_int8_dynamic_activation_scales_match_settings(built, tiny_artifact, name):
+    """``tensor``: ORT's DynamicQuantizeLinear per shared input. ``token``: one blocked
+    QuantizeLinear per shared input (a block per row: axis -1, block_size K), its scale computed
+    from that row, every MatMulInteger reading the one scalar zero point 128; opset 21."""
+    art, cfg, model = built(name)
+    inits = _inits(model)
+    mmi = _ops(model, "MatMulInteger")
+    shared = {n.input[0] for n in mmi}
+    dql, ql = _ops(model, "DynamicQuantizeLinear"), _ops(model, "QuantizeLinear")
+    if cfg.activation_scale == "tensor":
+        assert len(dql) == len(shared) and not ql
+        assert art.manifest.opset == tiny_artifact.manifest.opset
+        return
+    assert not dql and len(ql) == len(shared) and {q.output[0] for q in ql} == shared
+    assert art.manifest.opset == max(21, tiny_artifact.manifest.opset)
+    zps = {n.input[2] for n in mmi}
+    assert len(zps) == 1 and inits[zps.pop()].tolist() == 128
+    ks = {n.input[0]: inits[n.input[1]].shape[0] for n in mmi}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for q in ql:
+        assert _attrs(q) == {"axis": -1, "block_size": ks[q.output[0]]}, q.name
+        assert producer[q.input[1]].op_type == "Mul", "the scale is computed from the row"
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.recipe == "int8-static"])

@@ -39,7 +39,8 @@ RECIPES = {  # name -> (recipe, overrides)
     "fp16": ("fp16", {}),
     "int8-static": ("int8-static", {}),  # int8 activations, zero point 0: the default
     "int8-static-u8": ("int8-static", {"activations": "uint8"}),
-    "int8-dynamic": ("int8-dynamic", {}),
+    "int8-dynamic": ("int8-dynamic", {}),  # per-token activation scales: the default
+    "int8-dynamic-tensor": ("int8-dynamic", {"activation_scale": "tensor"}),
     "int4-rtn": ("int4-rtn", {"block_size": 16}),
     "int4-hqq": ("int4-hqq", {}),
     "int4-qdq": ("int4-qdq", {}),
@@ -86,19 +87,31 @@ def test_tensorrt_ready_recipes_pass(built, name):
         assert report.opset >= 21 and report.op_counts["DequantizeLinear"] >= LINEAR
 
 
-def test_int8_dynamic_fails_naming_its_ops(built):
-    report = preflight(PreflightConfig(built("int8-dynamic").path))
+@pytest.mark.parametrize("scale", ["token", "tensor"])
+def test_int8_dynamic_fails_naming_its_ops(built, scale):
+    """Per-token scales (the default) are run-time QuantizeLinear with uint8 zero points (an
+    Expand of uint8); per-tensor ones DynamicQuantizeLinear: both point to int8-static."""
+    report = preflight(
+        PreflightConfig(built("int8-dynamic" + ("" if scale == "token" else "-tensor")).path)
+    )
     assert report.failed
-    assert _rules(report) == {
-        ("DynamicQuantizeLinear", "unsupported-op"),
-        ("MatMulInteger", "unsupported-op"),
-    }
+    quantize = {("DynamicQuantizeLinear", "unsupported-op")}
+    if scale == "token":
+        quantize = {
+            ("QuantizeLinear", "qdq-scale-constant"),
+            ("QuantizeLinear", "qdq-uint8"),
+            ("Expand", "op-type"),
+        }
+    assert _rules(report) == quantize | {("MatMulInteger", "unsupported-op")}
     groups = {g.op: g for g in report.groups()}
     assert groups["MatMulInteger"].count == LINEAR and len(groups["MatMulInteger"].nodes) == 3
     assert all("int8-static" in g.fix for g in groups.values())
     text = format_report(report)
     assert "REJECTED" in text and "(+11 more)" in text
-    assert len(text.splitlines()) < 12, "collapsed: one entry per (op, rule)"
+    entries = len(report.groups())
+    assert entries == len(_rules(report)) and len(text.splitlines()) < 6 + 3 * entries, (
+        "collapsed: one entry per (op, rule)"
+    )
 
 
 @pytest.mark.parametrize("name", ["int4-rtn", "int4-hqq"])

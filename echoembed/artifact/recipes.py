@@ -39,6 +39,10 @@ class Int8DynamicConfig:
     ``weights``: ``int8`` (symmetric, the u8 x s8 kernels) or ``uint8`` (asymmetric with a zero
     point: ONNX Runtime's u8 x u8 kernels, which widen to 16 bits before multiplying and never
     saturate, so they need no 7-bit weights on any CPU).
+    ``activation_scale``: ``token`` (a symmetric scale per token, ``calibration.per_token``: a
+    text embeds the same whatever it is batched with) or ``tensor`` (ONNX Runtime's
+    ``DynamicQuantizeLinear``: one scale for the whole batch, the fastest; a text's embedding
+    depends on its batch-mates). Manifests written before this setting existed mean ``tensor``.
     """
 
     per_channel: bool = True
@@ -46,6 +50,7 @@ class Int8DynamicConfig:
     exclude: tuple[str, ...] = ()
     reduce_range: bool | None = None
     weights: Literal["int8", "uint8"] = "int8"
+    activation_scale: Literal["token", "tensor"] = "token"
 
     recipe = "int8-dynamic"
 
@@ -54,6 +59,10 @@ class Int8DynamicConfig:
             raise UserError(f"smooth_alpha must be in (0, 1) or None, got {self.smooth_alpha}")
         if self.weights not in ("int8", "uint8"):
             raise UserError(f"weights must be 'int8' or 'uint8', got {self.weights!r}")
+        if self.activation_scale not in ("token", "tensor"):
+            raise UserError(
+                f"activation_scale must be 'token' or 'tensor', got {self.activation_scale!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,11 @@ RECIPE_TYPES = (
 )  # fmt: skip
 
 
+# settings added after manifests with the recipe were written, whose default is not what those
+# manifests' graphs do: a manifest without the key gets this value, not the field's default
+_BEFORE_THE_SETTING: dict[str, dict[str, Any]] = {"int8-dynamic": {"activation_scale": "tensor"}}
+
+
 def settings_of(config: RecipeConfig) -> dict[str, Any]:
     """The config as JSON-ready settings for the manifest."""
     return {
@@ -209,7 +223,8 @@ def recipe_from_settings(recipe: str, settings: dict[str, Any]) -> RecipeConfig:
     """The frozen config a manifest's ``quantization.settings`` were written from.
 
     Settings a config lacks (a newer echoembed) are an ``ArtifactError``; settings missing from an
-    older manifest take the field's default. Lists become tuples again.
+    older manifest take the field's default, or what that older echoembed did where the default
+    changed since (``_BEFORE_THE_SETTING``). Lists become tuples again.
     """
     cls = next((t for t in RECIPE_TYPES if _recipe_names(t) and recipe in _recipe_names(t)), None)
     if cls is None:
@@ -227,6 +242,8 @@ def recipe_from_settings(recipe: str, settings: dict[str, Any]) -> RecipeConfig:
             "echoembed (pip install -U echoembed)"
         )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    for key, value in _BEFORE_THE_SETTING.get(recipe, {}).items():
+        values.setdefault(key, value)
     if cls is Int4WeightOnlyConfig:
         values.setdefault("algorithm", recipe.removeprefix("int4-"))
     try:

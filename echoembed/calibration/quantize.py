@@ -59,6 +59,7 @@ from echoembed.calibration.graph import (
     input_abs_max,
     linear_nodes,
 )
+from echoembed.calibration.per_token import per_token_activations
 from echoembed.calibration.recipes import (
     RECIPE_TYPES,
     Fp16Config,
@@ -212,6 +213,9 @@ def _apply(graph: FloatGraph, config: RecipeConfig, excluded: tuple[str, ...], o
 
 
 def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str], out: Path):
+    """ORT's ``quantize_dynamic``; then, for ``activation_scale="token"``, its
+    ``DynamicQuantizeLinear`` nodes become per-token scales (``calibration.per_token``)."""
+    onnx = require("onnx", "export")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _without_preprocess_hint():
@@ -225,6 +229,12 @@ def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str],
             nodes_to_quantize=nodes,
             use_external_data_format=float_path.with_name(float_path.name + ".data").exists(),
         )
+    if config.activation_scale == "token":
+        model = onnx.load(str(out))
+        per_token_activations(model)
+        for f in out.parent.glob(MODEL_FILE + "*"):
+            f.unlink()
+        _save(model, out)
 
 
 def _int8_blockwise(model, config: Int8BlockwiseConfig, quantizable: list[str], excluded):

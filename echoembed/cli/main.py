@@ -133,6 +133,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         activations=args.activations,
         reduce_range=args.reduce_range,
         weights=args.weights,
+        activation_scale=args.activation_scale,
     )
     if args.no_smooth:
         if not hasattr(config, "smooth_alpha"):
@@ -529,6 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", choices=["int8", "uint8"], default=None,
         help="int8-dynamic weights: int8 (u8 x s8 kernels, default) or uint8 with a zero point "
         "(u8 x u8 kernels: never saturate, no 7-bit weights needed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--activation-scale", choices=["token", "tensor"], default=None,
+        help="int8-dynamic activations: a scale per token (default; a text embeds the same in "
+        "any batch) or one per tensor (ORT's DynamicQuantizeLinear: fastest, batch-dependent)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.set_defaults(func=cmd_quantize)

@@ -29,8 +29,8 @@ MODEL_LEVEL = "(model)"
 INT8_STATIC = "quantize with int8-static (int8 activations, zero point 0: the default)"
 INT4_QDQ = "quantize with int4-qdq (signed INT4, DequantizeLinear block_size, no zero point)"
 _OP_FIXES = {
-    "DynamicQuantizeLinear": "int8-dynamic uses DynamicQuantizeLinear/MatMulInteger, which "
-    "TensorRT cannot import: quantize with int8-static (int8 activations) instead",
+    "DynamicQuantizeLinear": "int8-dynamic quantizes activations at run time for MatMulInteger, "
+    "which TensorRT cannot import: quantize with int8-static (int8 activations) instead",
     "MatMulNBits": "int4-rtn/int4-hqq/int4-gptq/int8-blockwise write com.microsoft MatMulNBits "
     "(packed uint4/uint8 weights; no TensorRT type or importer): use int4-qdq or int8-static",
     "GatherBlockQuantized": "the 4-bit recipes' embedding table (com.microsoft "
@@ -394,7 +394,10 @@ def _check_op(node: Any, g: _Graph, supported: dict, version: str) -> list[Probl
     if trt_type in spec.types:
         return []
     detail = f"{op} on {onnx_type}; TensorRT imports it for {', '.join(spec.types)}"
-    return [Problem(name, op, "op-type", f"cast to a type {op} supports (re-export)", detail)]
+    fix = f"cast to a type {op} supports (re-export)"
+    if g.recipe == "int8-dynamic":  # its per-token scales: uint8 zero points (Expand)
+        fix = _OP_FIXES["DynamicQuantizeLinear"]
+    return [Problem(name, op, "op-type", fix, detail)]
 
 
 def _check_qdq(node: Any, g: _Graph) -> list[Problem]:
