@@ -161,8 +161,13 @@ def test_quantize_cli(tiny_artifact, tmp_path, capsys):
     rc = main(base[:2] + [str(tmp_path / "x"), *base[2:], "--recipe", "int4-rtn", "--reduce-range"])
     assert rc == 2 and "has no setting 'reduce_range'" in capsys.readouterr().err
     rc = main(base[:2] + [str(tmp_path / "w8"), *base[2:], "--recipe", "int8-dynamic",
-                          "--no-reduce-range"])  # fmt: skip
-    assert rc == 0 and read_manifest(tmp_path / "w8").quantization.settings.reduce_range is False
+                          "--no-reduce-range", "--activation-scale", "tensor"])  # fmt: skip
+    settings = read_manifest(tmp_path / "w8").quantization.settings
+    assert rc == 0 and settings.reduce_range is False and settings.activation_scale == "tensor"
+    rc = main(base[:2] + [str(tmp_path / "z"), *base[2:], "--recipe", "int4-rtn",
+                          "--activation-scale", "token"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no setting 'activation_scale'" in err and "int8-dynamic" in err
     rc = main(base[:2] + [str(tmp_path / "y"), *base[2:], "--recipe", "int4-rtn", "--weights",
                           "uint8"])  # fmt: skip
     assert rc == 2 and "has no setting 'weights'" in capsys.readouterr().err

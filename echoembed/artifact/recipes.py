@@ -103,9 +103,10 @@ class Int8BlockwiseConfig:
     """8-bit block-wise weights in ONNX Runtime's ``MatMulNBits`` (symmetric round to nearest,
     ``block_size`` rows of K per scale); with ``accuracy_level=4`` ONNX Runtime quantizes the
     activations to int8 per block of K in each row at run time. So a text's embedding does not
-    depend on its batch-mates, which ``int8-dynamic``'s one scale per tensor does (SmolLM2,
-    STS-B test: 58.28 at batch 32 and alone, against 57.82 / 58.45), at a lower batch-32 speed
-    (``benchmarks/README.md``). No calibration data, no SmoothQuant.
+    depend on its batch-mates, which ``int8-dynamic``'s with ``activation_scale="tensor"`` does
+    (SmolLM2, STS-B test: 58.28 at batch 32 and alone, against 57.82 / 58.45), at a lower
+    batch-32 speed than either int8-dynamic form (``benchmarks/README.md``). No calibration
+    data, no SmoothQuant.
     """
 
     block_size: int = 128

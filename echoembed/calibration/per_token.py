@@ -11,7 +11,8 @@ of the last axis): ``s = max|x_row| / 127`` (ReduceMax and ReduceMin, no tempora
 point 128 for every row. ``MatMulInteger`` keeps a scalar zero point, so ONNX Runtime runs the
 same u8 x s8 kernels, and the scale product ``s x weight_scale`` broadcasts over the rows; ONNX
 Runtime still fuses it into ``MatMulIntegerToFloat``. A token's quantization then depends on that
-token alone.
+token alone: the same artifact with per-token scales scores 58.61 at batch 32 and alone, for 0.80x
+the per-tensor form's batch-32 throughput (2-core Xeon with AMX; ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def per_token_activations(model) -> int:
                 p + "QuantizeLinear",
                 axis=-1,
                 block_size=_row_length(node, uses, inits),
-            ),  # fmt: skip
+            ),
         ]
         for consumer, k in uses[old_zp]:
             consumer.input[k] = zp

@@ -4,9 +4,10 @@ The fingerprint is the sha256 of five parts: the artifact (its files' checksums 
 manifest, plus what changes an embedding without changing a file: the prompt limits, special
 tokens, pooling and normalization), the resolved template (source and defaults), the input (per
 file: relative path, format, size, sha256 of the content, rows), the sharding (rows per shard,
-id and text columns) and the batching (batch size, token budget: with INT8-dynamic artifacts an
-embedding depends on its batch-mates, since activations are quantized per batch; measured on
-SmolLM2 INT8, the same texts batched differently agree only to cosine 0.990).
+id and text columns) and the batching (batch size, token budget: with INT8-dynamic artifacts
+whose activation scales are per tensor, ``activation_scale="tensor"`` and every one made before
+per-token scales, an embedding depends on its batch-mates, since activations are quantized per
+batch; measured on SmolLM2 INT8, the same texts batched differently agreed only to cosine 0.990).
 
 The input is fingerprinted by content, not by modification times: an mtime changes when a
 corpus is copied or checked out (a false refusal) and can stay put through an in-place edit (a
