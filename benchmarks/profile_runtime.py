@@ -268,7 +268,13 @@ def kernel_flops(op: str, args: dict[str, Any]) -> tuple[float, str, str] | None
     else:  # A is [..., M, K] or (transposed) [..., K, M]; equal when M == K
         k = a[-1] if len(a) < 2 or len(y) < 2 or a[-2] == y[-2] else a[-2]
     flops = 2.0 * float(np.prod(y)) * k
-    batched = len(ins) > 1 and len(a) >= 3 and len(ins[1][1]) >= 3 and op != "MatMulNBits"
+    # echoembed quantizes linear layers only, so an integer GEMM is a weight GEMM; its second
+    # recorded input need not be B (a prepacked B is not listed; MatMulIntegerToFloat's a_scale
+    # is [B, S, 1] with per-token scales)
+    batched = (
+        op not in INT8_OPS and len(ins) > 1 and len(a) >= 3 and len(ins[1][1]) >= 3
+        and op != "MatMulNBits"
+    )  # fmt: skip
     return flops, ("attention" if batched else "weights"), ("int8" if op in INT8_OPS else "float")
 
 
