@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from echoembed.artifact import graph_opset_imports
+from echoembed.calibration.graph import rewrite_graph
 from echoembed.errors import InternalError, require
 
 # ops whose meaning changed between ai.onnx opsets 18 and 21 (the rest only gained types)
@@ -26,13 +28,9 @@ _CHANGED_BY_OPSET_21 = frozenset({"GroupNormalization"})
 PREFIX = "per_token/"
 
 
-def _default_opset(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _raise_opset(model) -> None:
     """Blocked ``QuantizeLinear`` needs ai.onnx opset 21: raise an older import (>= 18) to it."""
-    version = _default_opset(model)
+    version = graph_opset_imports(model).get("", 0)
     if version >= 21:
         return
     changed = sorted({n.op_type for n in model.graph.node} & _CHANGED_BY_OPSET_21)
@@ -84,15 +82,13 @@ def per_token_activations(model) -> int:
     for node in dqls:
         _check_uses(node, uses)
     zp, inv, floor, axes = (PREFIX + s for s in ("zero_point", "inv127", "floor", "axes"))
-    model.graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(128, np.uint8), zp),
-            numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), inv),
-            # an all-zero row gets a tiny positive scale, not 0 (x / 0)
-            numpy_helper.from_array(np.array(1e-30, np.float32), floor),
-            numpy_helper.from_array(np.array([-1], np.int64), axes),
-        ]
-    )
+    constants = [
+        numpy_helper.from_array(np.array(128, np.uint8), zp),
+        numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), inv),
+        # an all-zero row gets a tiny positive scale, not 0 (x / 0)
+        numpy_helper.from_array(np.array(1e-30, np.float32), floor),
+        numpy_helper.from_array(np.array([-1], np.int64), axes),
+    ]
     out = []
     for node in model.graph.node:
         if node.op_type != "DynamicQuantizeLinear":
@@ -120,8 +116,7 @@ def per_token_activations(model) -> int:
         ]
         for consumer, k in uses[old_zp]:
             consumer.input[k] = zp
-    del model.graph.node[:]
-    model.graph.node.extend(out)
+    rewrite_graph(model, out, constants)
     return len(dqls)
 
 
