@@ -223,7 +223,9 @@ def test_format1_manifest_from_the_previous_release_still_loads(name):
     else:
         # written before per-token scales: its graph has one scale per tensor, whatever the
         # field's default is now
-        assert q.settings == Int8DynamicConfig(reduce_range=False, activation_scale="tensor")
+        assert q.settings == Int8DynamicConfig(
+            reduce_range=False, activation_scale="tensor", fold_row_scales=False
+        )
         assert q.settings.smooth_alpha == 0.7
     written = json.loads(m.to_json())
     assert written["format_version"] == FORMAT_VERSION and written["opset_imports"] == {"": 18}
@@ -278,6 +280,10 @@ def test_recipe_from_settings_errors_and_defaults():
     assert recipe_from_settings("int8-dynamic", older).activation_scale == "tensor"
     with pytest.raises(ArtifactError, match="activation_scale must be 'token' or 'tensor'"):
         recipe_from_settings("int8-dynamic", dict(old, activation_scale="row"))
+    # per-token graphs written before folded row scales have none
+    no_fold = {k: v for k, v in old.items() if k != "fold_row_scales"}
+    assert recipe_from_settings("int8-dynamic", no_fold).fold_row_scales is False
+    assert recipe_from_settings("int8-dynamic", no_fold).activation_scale == "token"
     assert recipe_from_settings("int4-hqq", {}).algorithm == "hqq"
     # an artifact an older echoembed made with a setting quantize now refuses still loads
     assert recipe_from_settings("int4-hqq", {"symmetric": True}).symmetric is True

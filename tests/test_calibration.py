@@ -84,14 +84,20 @@ def test_int8_dynamic_structure(tiny_artifact, tmp_path):
     start = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     art = quantize(tiny_artifact.path, tmp_path / "int8", cfg, SMALL)
     found = ops(art.path / "model.onnx")
-    # per-token activation scales (the default): one QuantizeLinear per quantized input
-    assert found.count("MatMulInteger") == 13 and "DynamicQuantizeLinear" not in found
+    # per-token activation scales (the default): one QuantizeLinear per quantized input; layer
+    # 0's up projection skips its row scale (MatMulIntegerToFloat, folded into down_proj's);
+    # layer 1's does not: its product feeds the excluded float down_proj, not a quantizer
+    assert found.count("MatMulInteger") == 12 and "DynamicQuantizeLinear" not in found
+    assert found.count("MatMulIntegerToFloat") == 1
     # q/k/v, o, gate/up and down in each layer, but layer 1's excluded down_proj
     assert found.count("QuantizeLinear") == 2 * 4 - 1
     import onnx
 
-    names = {n.name for n in onnx.load(str(art.path / "model.onnx")).graph.node}
+    nodes = onnx.load(str(art.path / "model.onnx")).graph.node
+    names = {n.name for n in nodes}
     assert "base.layers.1.mlp.down_proj/MatMul" in names, "excluded layer stays a float MatMul"
+    (folded,) = [n.name for n in nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert folded.startswith("base.layers.0.mlp.up_proj/"), folded
     q = read_manifest(art.path).quantization
     assert q.recipe == "int8-dynamic" and q.excluded == ("base.layers.1.mlp.down_proj/MatMul",)
     assert q.smoothed[:2] == ("base.layers.0.mlp.down_proj", "base.layers.1.mlp.down_proj")
@@ -132,6 +138,35 @@ def test_int8_per_token_and_blockwise_do_not_depend_on_the_batch(tiny_artifact, 
     assert gaps["tensor"] > 10 * max(gaps["block"], gaps["token"], 1e-6), gaps
 
 
+def test_int8_folded_row_scales_match_unfolded(tiny_artifact, tmp_path):
+    """``fold_row_scales`` (on by default with per-token scales) moves the up projections' row
+    scales into the down projections' scales: the same math but for float rounding, so the
+    embeddings agree with the unfolded graph's far inside the quantization error, and stay
+    batch-independent. Off, the graph has no MatMulIntegerToFloat."""
+    from echoembed.calibration.recipes import resolve_recipe
+
+    assert resolve_recipe(Int8DynamicConfig()).fold_row_scales is True
+    assert resolve_recipe(Int8DynamicConfig(activation_scale="tensor")).fold_row_scales is False
+    with pytest.raises(UserError, match="fold_row_scales=True needs activation_scale='token'"):
+        Int8DynamicConfig(activation_scale="tensor", fold_row_scales=True)
+    folded = quantize(tiny_artifact.path, tmp_path / "fold", Int8DynamicConfig(), SMALL)
+    cfg = Int8DynamicConfig(fold_row_scales=False)
+    plain = quantize(tiny_artifact.path, tmp_path / "plain", cfg, SMALL)
+    assert ops(folded.path / "model.onnx").count("MatMulIntegerToFloat") == 2  # 2 up_proj
+    assert "MatMulIntegerToFloat" not in ops(plain.path / "model.onnx")
+    assert read_manifest(folded.path).quantization.settings.fold_row_scales is True
+    assert read_manifest(plain.path).quantization.settings.fold_row_scales is False
+    texts = ["kids play", "a man is slicing a tomato on the board " * 6, "two dogs run"]
+    a = Embedder.load(folded.path).encode(texts)
+    b = Embedder.load(plain.path).encode(texts)
+    ref = Embedder.load(tiny_artifact.path).encode(texts)
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.9999, cos
+    # both as close to fp32 as each other
+    err_a, err_b = 1 - (a * ref).sum(1), 1 - (b * ref).sum(1)
+    assert np.abs(err_a - err_b).max() < 0.5 * max(err_b.max(), 1e-4), (err_a, err_b)
+
+
 def test_int8_dynamic_uint8_weights(tiny_artifact, tmp_path):
     """u8 x u8: uint8 weights with zero points, never saturating, so no 7-bit weights and no
     integer-kernel refusal on any CPU."""
@@ -146,12 +181,13 @@ def test_int8_dynamic_uint8_weights(tiny_artifact, tmp_path):
     assert not runs_u8s8(q.settings) and runs_u8s8(Int8DynamicConfig())
     model = onnx.load(str(art.path / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
-    mm = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    mm = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat")]
     assert len(mm) == 14
     for n in mm:
         w = numpy_helper.to_array(inits[n.input[1]])
         assert w.dtype == np.uint8 and w.max() > 128  # the full 8-bit range
-        assert numpy_helper.to_array(inits[n.input[3]]).dtype == np.uint8  # weight zero points
+        w_zp = n.input[5 if n.op_type == "MatMulIntegerToFloat" else 3]
+        assert numpy_helper.to_array(inits[w_zp]).dtype == np.uint8  # weight zero points
     assert q.mean_cosine > 0.9
     with pytest.raises(UserError, match="weights must be"):
         Int8DynamicConfig(weights="int4")

@@ -164,6 +164,12 @@ def test_quantize_cli(tiny_artifact, tmp_path, capsys):
                           "--no-reduce-range", "--activation-scale", "tensor"])  # fmt: skip
     settings = read_manifest(tmp_path / "w8").quantization.settings
     assert rc == 0 and settings.reduce_range is False and settings.activation_scale == "tensor"
+    assert settings.fold_row_scales is False  # resolved: per-tensor scales have no row scales
+    rc = main(base[:2] + [str(tmp_path / "f"), *base[2:], "--recipe", "int8-dynamic",
+                          "--activation-scale", "tensor", "--fold-row-scales"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "fold_row_scales=True needs activation_scale='token'" in err
+    assert not (tmp_path / "f").exists()
     rc = main(base[:2] + [str(tmp_path / "z"), *base[2:], "--recipe", "int4-rtn",
                           "--activation-scale", "token"])  # fmt: skip
     err = capsys.readouterr().err

@@ -47,6 +47,7 @@ CASES = {
     "int8-dynamic-w8": Int8DynamicConfig(reduce_range=False),
     "int8-dynamic-w7": Int8DynamicConfig(reduce_range=True, per_channel=False),
     "int8-dynamic-tensor": Int8DynamicConfig(activation_scale="tensor", exclude=EXCLUDE),
+    "int8-dynamic-unfolded": Int8DynamicConfig(fold_row_scales=False),
     "int8-static": Int8StaticConfig(exclude=EXCLUDE),
     "int8-static-u8-w7": Int8StaticConfig(activations="uint8", reduce_range=True),
     "int8-static-per-tensor": Int8StaticConfig(per_channel=False, smooth_alpha=None),
@@ -221,7 +222,7 @@ def test_embedding_quantization_matches_settings(built, name):
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.recipe == "int8-dynamic"])
 def test_int8_dynamic_weights_match_reduce_range(built, name):
     art, cfg, model = built(name)
-    nodes = _ops(model, "MatMulInteger")
+    nodes = _ops(model, "MatMulInteger") + _ops(model, "MatMulIntegerToFloat")
     assert len(nodes) == LINEAR - len(art.manifest.quantization.excluded)
     inits = _inits(model)
     top = 64 if cfg.reduce_range else 127  # ORT's reduce_range grid is -64..64
@@ -236,10 +237,14 @@ def test_int8_dynamic_weights_match_reduce_range(built, name):
 def test_int8_dynamic_activation_scales_match_settings(built, tiny_artifact, name):
     """``tensor``: ORT's DynamicQuantizeLinear per shared input. ``token``: one blocked
     QuantizeLinear per shared input (a block per row: axis -1, block_size K), its scale computed
-    from that row, every MatMulInteger reading the one scalar zero point 128; opset 21."""
+    from that row, every integer GEMM reading the one scalar zero point 128; opset 21. With
+    ``fold_row_scales`` the up projections are MatMulIntegerToFloat with a_scale 1, and the down
+    projections' scale products read their row scale times the up projection's."""
     art, cfg, model = built(name)
     inits = _inits(model)
-    mmi = _ops(model, "MatMulInteger")
+    folded = _ops(model, "MatMulIntegerToFloat")
+    assert bool(folded) is bool(cfg.fold_row_scales), [n.name for n in folded]
+    mmi = _ops(model, "MatMulInteger") + folded
     shared = {n.input[0] for n in mmi}
     dql, ql = _ops(model, "DynamicQuantizeLinear"), _ops(model, "QuantizeLinear")
     if cfg.activation_scale == "tensor":
@@ -248,13 +253,27 @@ def test_int8_dynamic_activation_scales_match_settings(built, tiny_artifact, nam
         return
     assert not dql and len(ql) == len(shared) and {q.output[0] for q in ql} == shared
     assert art.manifest.opset == max(21, tiny_artifact.manifest.opset)
-    zps = {n.input[2] for n in mmi}
+    zps = {n.input[4 if n.op_type == "MatMulIntegerToFloat" else 2] for n in mmi}
     assert len(zps) == 1 and inits[zps.pop()].tolist() == 128
     ks = {n.input[0]: inits[n.input[1]].shape[0] for n in mmi}
     producer = {o: n for n in model.graph.node for o in n.output}
     for q in ql:
         assert _attrs(q) == {"axis": -1, "block_size": ks[q.output[0]]}, q.name
         assert producer[q.input[1]].op_type == "Mul", "the scale is computed from the row"
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for up in folded:
+        assert up.domain == MS and ".mlp.up_proj/" in up.name, up.name
+        assert inits[up.input[2]].tolist() == 1.0, "no row scale: a_scale 1"
+        (gate_mul,) = readers[up.output[0]]  # silu(gate) * up
+        (down_q,) = [r for r in readers[gate_mul.output[0]] if r.op_type == "QuantizeLinear"]
+        row = producer[up.input[0]].input[1]  # the up projection's input row scale
+        fold = [r for r in readers[down_q.input[1]] if r.op_type == "Mul" and row in r.input]
+        assert len(fold) == 1, "s_down x s_up, once"
+        products = readers[fold[0].output[0]]
+        assert products and all(any(i in inits for i in p.input) for p in products)
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.recipe == "int8-static"])

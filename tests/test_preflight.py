@@ -90,7 +90,8 @@ def test_tensorrt_ready_recipes_pass(built, name):
 @pytest.mark.parametrize("scale", ["token", "tensor"])
 def test_int8_dynamic_fails_naming_its_ops(built, scale):
     """Per-token scales (the default) are run-time QuantizeLinear with uint8 zero points (an
-    Expand of uint8); per-tensor ones DynamicQuantizeLinear: both point to int8-static."""
+    Expand of uint8), and the up projections (folded row scales) ORT's MatMulIntegerToFloat;
+    per-tensor ones DynamicQuantizeLinear: both point to int8-static."""
     report = preflight(
         PreflightConfig(built("int8-dynamic" + ("" if scale == "token" else "-tensor")).path)
     )
@@ -101,13 +102,18 @@ def test_int8_dynamic_fails_naming_its_ops(built, scale):
             ("QuantizeLinear", "qdq-scale-constant"),
             ("QuantizeLinear", "qdq-uint8"),
             ("Expand", "op-type"),
+            ("com.microsoft:MatMulIntegerToFloat", "domain"),
         }
     assert _rules(report) == quantize | {("MatMulInteger", "unsupported-op")}
     groups = {g.op: g for g in report.groups()}
-    assert groups["MatMulInteger"].count == LINEAR and len(groups["MatMulInteger"].nodes) == 3
+    folded = 2 if scale == "token" else 0  # one up projection per layer
+    if folded:
+        assert groups["com.microsoft:MatMulIntegerToFloat"].count == folded
+    gemms = groups["MatMulInteger"]
+    assert gemms.count == LINEAR - folded and len(gemms.nodes) == 3
     assert all("int8-static" in g.fix for g in groups.values())
     text = format_report(report)
-    assert "REJECTED" in text and "(+11 more)" in text
+    assert "REJECTED" in text and f"(+{LINEAR - folded - 3} more)" in text
     entries = len(report.groups())
     assert entries == len(_rules(report)) and len(text.splitlines()) < 6 + 3 * entries, (
         "collapsed: one entry per (op, rule)"

@@ -43,6 +43,11 @@ class Int8DynamicConfig:
     text embeds the same whatever it is batched with) or ``tensor`` (ONNX Runtime's
     ``DynamicQuantizeLinear``: one scale for the whole batch, the fastest; a text's embedding
     depends on its batch-mates). Manifests written before this setting existed mean ``tensor``.
+    ``fold_row_scales``: with per-token scales, a projection that only feeds a product quantized
+    per token (a gated MLP's up projection) skips its row scale, which the next scales take
+    instead (``calibration.per_token.fold_row_scales``; exact but for float rounding, faster);
+    None: on for ``token``, off for ``tensor``, which has no row scales. Manifests written before
+    this setting existed mean off.
     """
 
     per_channel: bool = True
@@ -51,6 +56,7 @@ class Int8DynamicConfig:
     reduce_range: bool | None = None
     weights: Literal["int8", "uint8"] = "int8"
     activation_scale: Literal["token", "tensor"] = "token"
+    fold_row_scales: bool | None = None
 
     recipe = "int8-dynamic"
 
@@ -62,6 +68,11 @@ class Int8DynamicConfig:
         if self.activation_scale not in ("token", "tensor"):
             raise UserError(
                 f"activation_scale must be 'token' or 'tensor', got {self.activation_scale!r}"
+            )
+        if self.fold_row_scales and self.activation_scale != "token":
+            raise UserError(
+                "fold_row_scales=True needs activation_scale='token' (per-tensor scales have no "
+                "row scales to fold); leave it None"
             )
 
 
@@ -210,7 +221,9 @@ RECIPE_TYPES = (
 
 # settings added after manifests with the recipe were written, whose default is not what those
 # manifests' graphs do: a manifest without the key gets this value, not the field's default
-_BEFORE_THE_SETTING: dict[str, dict[str, Any]] = {"int8-dynamic": {"activation_scale": "tensor"}}
+_BEFORE_THE_SETTING: dict[str, dict[str, Any]] = {
+    "int8-dynamic": {"activation_scale": "tensor", "fold_row_scales": False}
+}
 
 
 def settings_of(config: RecipeConfig) -> dict[str, Any]:

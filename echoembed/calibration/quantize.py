@@ -59,7 +59,7 @@ from echoembed.calibration.graph import (
     input_abs_max,
     linear_nodes,
 )
-from echoembed.calibration.per_token import per_token_activations
+from echoembed.calibration.per_token import fold_row_scales, per_token_activations
 from echoembed.calibration.recipes import (
     RECIPE_TYPES,
     Fp16Config,
@@ -214,7 +214,8 @@ def _apply(graph: FloatGraph, config: RecipeConfig, excluded: tuple[str, ...], o
 
 def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str], out: Path):
     """ORT's ``quantize_dynamic``; then, for ``activation_scale="token"``, its
-    ``DynamicQuantizeLinear`` nodes become per-token scales (``calibration.per_token``)."""
+    ``DynamicQuantizeLinear`` nodes become per-token scales (``calibration.per_token``), with
+    the row scales folded where ``fold_row_scales`` (resolved) says so."""
     onnx = require("onnx", "export")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -232,6 +233,8 @@ def _int8_dynamic(float_path: Path, config: Int8DynamicConfig, nodes: list[str],
     if config.activation_scale == "token":
         model = onnx.load(str(out))
         per_token_activations(model)
+        if config.fold_row_scales:
+            fold_row_scales(model)
         for f in out.parent.glob(MODEL_FILE + "*"):
             f.unlink()
         _save(model, out)

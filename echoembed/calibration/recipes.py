@@ -115,7 +115,8 @@ def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
 
     ``reduce_range=None`` becomes True where this CPU's u8 x s8 kernels saturate with 8-bit
     weights (x86-64 without VNNI), and for INT8 static with int8 activations False (ONNX Runtime
-    runs those Q/DQ pairs in float; TensorRT uses int8 x int8).
+    runs those Q/DQ pairs in float; TensorRT uses int8 x int8). ``fold_row_scales=None`` becomes
+    True for per-token activation scales, False for per-tensor ones.
     A setting the recipe cannot apply is refused here, not when a manifest is read (an artifact
     made by an older echoembed with it must still load): HQQ with ``symmetric=True``.
     """
@@ -124,6 +125,8 @@ def resolve_recipe(config: RecipeConfig) -> RecipeConfig:
             "HQQ quantizes asymmetrically (fractional zero points); symmetric=True applies "
             "to rtn and gptq"
         )
+    if isinstance(config, Int8DynamicConfig) and config.fold_row_scales is None:
+        config = dataclasses.replace(config, fold_row_scales=config.activation_scale == "token")
     if not isinstance(config, (Int8DynamicConfig, Int8StaticConfig)):
         return config
     if config.reduce_range is not None:

@@ -134,6 +134,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         reduce_range=args.reduce_range,
         weights=args.weights,
         activation_scale=args.activation_scale,
+        fold_row_scales=args.fold_row_scales,
     )
     if args.no_smooth:
         if not hasattr(config, "smooth_alpha"):
@@ -535,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation-scale", choices=["token", "tensor"], default=None,
         help="int8-dynamic activations: a scale per token (default; a text embeds the same in "
         "any batch) or one per tensor (ORT's DynamicQuantizeLinear: fastest, batch-dependent)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fold-row-scales", action=argparse.BooleanOptionalAction, default=None,
+        help="int8-dynamic per-token scales: the up projection skips its row scale, which the "
+        "down projection's scale takes (exact but for rounding, faster; default: on for token)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.set_defaults(func=cmd_quantize)

@@ -45,7 +45,8 @@ for _op in ("GroupQueryAttention", "MultiHeadAttention", "RotaryEmbedding",
             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
             "SkipLayerNormalization", "FusedMatMul"):  # fmt: skip
     _OP_FIXES[_op] = _FUSED.format(op=_op)
-_OP_FIXES["MatMulInteger"] = _OP_FIXES["DynamicQuantizeLinear"]
+for _op in ("MatMulInteger", "MatMulIntegerToFloat"):  # int8-dynamic (per-token: both)
+    _OP_FIXES[_op] = _OP_FIXES["DynamicQuantizeLinear"]
 _OP_FIXES["QLinearConv"] = _OP_FIXES["ConvInteger"] = _OP_FIXES["QLinearMatMul"]
 _RULE_FIXES = {
     "qdq-scale-constant": "TensorRT needs build-time constant scales: calibrate the ranges "
