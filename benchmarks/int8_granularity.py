@@ -10,7 +10,8 @@ on the texts (and the padding) it is batched with. This script quantizes the fp3
 
 - ``int8-dynamic`` with ``activation_scale="tensor"`` (that one scale per tensor);
 - ``int8-dynamic`` with ``activation_scale="token"`` (the default: a symmetric scale per token,
-  ``echoembed.calibration.per_token``; the same u8 x s8 kernels);
+  ``echoembed.calibration.per_token``; the same u8 x s8 kernels), with its default
+  ``fold_row_scales`` and, 8-bit, without (``unfolded``);
 - ``int8-blockwise`` (8-bit MatMulNBits, ``accuracy_level=4``: int8 activations per block of K
   in each row; ``--block-size``);
 
@@ -52,6 +53,9 @@ def variants(parent: Path, work: Path, block_size: int, reduce_range: bool) -> d
             configs[f"int8 dynamic per {scale}, {bits}-bit"] = Int8DynamicConfig(
                 activation_scale=scale, reduce_range=bits == 7
             )
+    configs["int8 dynamic per token, 8-bit, unfolded"] = Int8DynamicConfig(
+        reduce_range=False, fold_row_scales=False
+    )
     out = {}
     for name, cfg in configs.items():
         slug = name.replace("int8 ", "").replace(", ", "-").replace(" ", "-")
