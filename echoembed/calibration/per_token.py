@@ -163,6 +163,7 @@ def fold_row_scales(model) -> int:
     removed: set[int] = set()
     instead: dict[int, object] = {}  # id(MatMulInteger) -> its MatMulIntegerToFloat
     after: dict[int, list] = {}  # id(node) -> nodes to place right after it
+    current: dict[str, str] = {}  # a quantizer's scale -> what its scale products read now
     for quantizer in quantizers:
         for mmi, k in uses.get(quantizer.output[0], []):
             chain = _scaled_output(mmi, k, uses, producer, inits)
@@ -180,13 +181,15 @@ def fold_row_scales(model) -> int:
             readers = [c for c, j in uses.get(nxt.output[0], []) if c.op_type == "MatMulInteger"]
             if not products or len(products) != len(readers):
                 continue
-            folded = f"{FOLD}{s_next}"
-            scale_node = producer[s_next]
-            after.setdefault(id(scale_node), []).append(
-                helper.make_node("Mul", [s_next, row], [folded], folded)
+            # both factors of a product can be folded (a GLU without activation): chain them
+            reads = current.get(s_next, s_next)
+            folded = f"{FOLD}{s_next}/{len(instead)}"
+            after.setdefault(id(producer[s_next]), []).append(
+                helper.make_node("Mul", [reads, row], [folded], folded)
             )
             for c in products:
-                c.input[list(c.input).index(s_next)] = folded
+                c.input[list(c.input).index(reads)] = folded
+            current[s_next] = folded
             inputs = [mmi.input[0], mmi.input[1], one, w_scale, *mmi.input[2:4]]
             while not inputs[-1]:
                 inputs.pop()
