@@ -93,6 +93,15 @@ def _ops(model, op_type: str) -> list:
     return [n for n in model.graph.node if n.op_type == op_type]
 
 
+def _consumers(model) -> dict[str, list]:
+    """tensor name -> [(node, input index)] of the nodes reading it."""
+    out: dict[str, list] = {}
+    for n in model.graph.node:
+        for k, name in enumerate(n.input):
+            out.setdefault(name, []).append((n, k))
+    return out
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_opsets_are_the_graphs(built, tiny_artifact, name):
     art, cfg, model = built(name)
@@ -260,10 +269,7 @@ def test_int8_dynamic_activation_scales_match_settings(built, tiny_artifact, nam
     for q in ql:
         assert _attrs(q) == {"axis": -1, "block_size": ks[q.output[0]]}, q.name
         assert producer[q.input[1]].op_type == "Mul", "the scale is computed from the row"
-    readers = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = {name: [n for n, _ in uses] for name, uses in _consumers(model).items()}
     for up in folded:
         assert up.domain == MS and ".mlp.up_proj/" in up.name, up.name
         assert inits[up.input[2]].tolist() == 1.0, "no row scale: a_scale 1"
@@ -330,10 +336,7 @@ def _tensorrt_qdq_violations(model) -> list[str]:
     out += [
         f"opset import {i.domain}" for i in model.opset_import if i.domain not in ("", "ai.onnx")
     ]
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for k, name in enumerate(n.input):
-            consumers.setdefault(name, []).append((n, k))
+    consumers = _consumers(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from echoembed.calibration.graph import LinearNode, probe
+from echoembed.calibration.graph import MS_DOMAIN, LinearNode, ensure_ms_opset, probe
 from echoembed.errors import InternalError, UserError, require
 
 BITS = 4
 MAXQ = 15
-MS_DOMAIN = "com.microsoft"
 
 
 def check_block_size(block_size: int) -> None:
@@ -318,12 +317,6 @@ def set_accuracy_level(model, accuracy_level: int) -> int:
     return count
 
 
-def _ensure_ms_opset(model) -> None:
-    onnx = require("onnx", "export")
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-
-
 def _uses(graph, name: str) -> bool:
     return any(name in node.input for node in graph.node) or any(
         o.name == name for o in graph.output
@@ -382,7 +375,7 @@ def to_matmulnbits(
         at = next((i for i, v in enumerate(graph.input) if v.name == node.weight), None)
         if at is not None:
             del graph.input[at]
-    _ensure_ms_opset(model)
+    ensure_ms_opset(model)
 
 
 # --- the whole graph ------------------------------------------------------------------------

@@ -12,6 +12,16 @@ import numpy as np
 
 from echoembed.errors import InternalError, require
 
+MS_DOMAIN = "com.microsoft"
+
+
+def ensure_ms_opset(model) -> None:
+    """Import the com.microsoft domain (version 1) into ``model`` when it does not yet."""
+    onnx = require("onnx", "export")
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
 # Above this a ModelProto is saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
 _LAYER_RE = re.compile(r"\.(?:layers|h)\.(\d+)\.")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from echoembed.artifact import graph_opset_imports
-from echoembed.calibration.graph import rewrite_graph
+from echoembed.calibration.graph import MS_DOMAIN, ensure_ms_opset, rewrite_graph
 from echoembed.errors import InternalError, require
 
 # ops whose meaning changed between ai.onnx opsets 18 and 21 (the rest only gained types)
@@ -178,7 +178,7 @@ def fold_row_scales(model) -> int:
                 c for c, _ in uses.get(s_next, [])
                 if c.op_type == "Mul" and any(i in inits for i in c.input if i != s_next)
             ]  # fmt: skip
-            readers = [c for c, j in uses.get(nxt.output[0], []) if c.op_type == "MatMulInteger"]
+            readers = [c for c, _ in uses.get(nxt.output[0], []) if c.op_type == "MatMulInteger"]
             if not products or len(products) != len(readers):
                 continue
             # both factors of a product can be folded (a GLU without activation): chain them
@@ -198,7 +198,7 @@ def fold_row_scales(model) -> int:
                 inputs,
                 [out.output[0]],
                 (mmi.name or out.output[0]) + "/" + FOLD + "MatMulIntegerToFloat",
-                domain="com.microsoft",
+                domain=MS_DOMAIN,
             )
             removed.update({id(cast), id(out), id(product)})
     if not instead:
@@ -210,8 +210,7 @@ def fold_row_scales(model) -> int:
         nodes.append(instead.get(id(n), n))
         nodes += after.get(id(n), [])
     rewrite_graph(model, nodes, [numpy_helper.from_array(np.array(1.0, np.float32), one)])
-    if "com.microsoft" not in graph_opset_imports(model):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    ensure_ms_opset(model)
     return len(instead)
 
 
